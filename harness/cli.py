@@ -1,0 +1,123 @@
+"""`harness run | report | list`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from harness.backbones import DEFAULT_BACKBONE, REGISTRY, get_spec
+from harness.errors import HarnessError, unknown_name
+from harness.profiles import PROFILES, default_profile, get_profile
+from harness.report import write_report
+from harness.runner import expand, run_grid
+from harness.store import ResultsStore
+from harness.tasks import load_cards
+from methods import registry
+
+log = logging.getLogger("harness")
+
+
+def _names(value: str, valid, kind: str) -> list[str]:
+    names = list(valid) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    for name in names:
+        if name not in valid:
+            raise unknown_name(kind, name, valid)
+    return names
+
+
+def _seeds(value: str | None, profile) -> list[int]:
+    if value is None:
+        return list(profile.seeds)
+    try:
+        return [int(s) for s in value.split(",")]
+    except ValueError:
+        raise HarnessError(f"--seeds takes integers separated by commas, not '{value}'") from None
+
+
+def cmd_run(args) -> int:
+    profile = get_profile(args.profile or default_profile())
+    cards = load_cards(args.tasks_dir)
+    methods = _names(args.methods, registry(), "method")
+    tasks = _names(args.datasets, cards, "task")
+    get_spec(args.backbone)
+    seeds = _seeds(args.seeds, profile)
+    log.info("profile %s: %s", profile.name, profile.description)
+    log.info("backbone %s; methods %s; tasks %s; seeds %s", args.backbone, methods, tasks, seeds)
+    store = ResultsStore(args.results_dir)
+    specs = expand(methods, tasks, seeds, args.backbone, profile)
+    summary = run_grid(specs, cards, profile, store, args.data_dir)
+    report = write_report(store.records(), args.report)
+    log.info("ran %d, skipped %d (finished before), failed %d", len(summary.ran), len(summary.skipped), len(summary.failed))
+    for label, error in summary.failed:
+        log.error("failed: %s: %s", label, error)
+    log.info("results: %s; report: %s", store.path, report)
+    return 1 if summary.failed else 0
+
+
+def cmd_report(args) -> int:
+    records = ResultsStore(args.results_dir).records()
+    path = write_report(records, args.report)
+    print(path.read_text() if args.print else f"wrote {path}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    print("methods:")
+    for name, cls in registry().items():
+        print(f"  {name:16s} {cls.group}, as-a-service: {'yes' if cls.as_a_service else 'no'}")
+    print("tasks:")
+    for name, card in load_cards(args.tasks_dir).items():
+        print(f"  {name:16s} {card.description} ({card.metric}; {card.path})")
+    print("backbones:")
+    for name, spec in REGISTRY.items():
+        default = " [default]" if name == DEFAULT_BACKBONE else ""
+        print(f"  {name:20s} {spec.family:8s} {spec.source}: {spec.model_id}{default}")
+    print("profiles:")
+    for name, profile in PROFILES.items():
+        print(f"  {name:16s} {profile.description}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="harness", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--results-dir", default="results", help="the results store (default: results/)")
+        p.add_argument("--report", default="reports/results.md", help="where the markdown report is written")
+        p.add_argument("--tasks-dir", action="append", help="extra folder of task cards (repeatable)")
+
+    run = sub.add_parser("run", help="run methods x tasks x seeds on one backbone; finished runs are skipped")
+    run.add_argument("--methods", default="manual", help="comma-separated method names, or 'all'")
+    run.add_argument("--datasets", default="all", help="comma-separated task names, or 'all'")
+    run.add_argument("--seeds", help="comma-separated split seeds (default: the profile's)")
+    run.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    run.add_argument("--profile", help="paper | quick (default: paper with a GPU, quick without)")
+    run.add_argument("--data-dir", help="local task data laid out like shared/data (else HARNESS_DATA_DIR, else the hub)")
+    common(run)
+    run.set_defaults(func=cmd_run)
+
+    report = sub.add_parser("report", help="regenerate the markdown report from the results store")
+    report.add_argument("--print", action="store_true", help="also print the report")
+    common(report)
+    report.set_defaults(func=cmd_report)
+
+    listing = sub.add_parser("list", help="list methods, tasks, backbones and profiles")
+    listing.add_argument("--tasks-dir", action="append")
+    listing.set_defaults(func=cmd_list)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HarnessError as exc:
+        print(f"harness: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Run meters: wall time, server GPU memory (pynvml, sampled, and torch's own peak), user-side memory.
+
+In this single-process benchmark the server and the user share a process, so:
+- server memory is the GPU's (pynvml's device-used peak; torch's max_memory_allocated beside it);
+- user-side memory is the peak of Python/NumPy heap allocations made during the run (tracemalloc), which is
+  where the user-side state of black-box methods lives (CMA-ES, projections, probes' features); torch tensors a
+  method keeps on the user side add their own bytes through `Method.user_tensor_bytes`.
+On a CPU-only machine the GPU fields are None and `device` says "cpu", so reports print "n/a (CPU)", not zeros.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+import time
+import tracemalloc
+from contextlib import contextmanager
+
+import psutil
+import torch
+
+
+def device_description() -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    return f"cpu:{platform.machine()} x{psutil.cpu_count()}"
+
+
+class _NvmlSampler:
+    """Samples the GPU's used memory every few milliseconds and keeps the peak."""
+
+    def __init__(self, interval_s: float = 0.02):
+        self.interval_s = interval_s
+        self.peak = None
+        self._stop = threading.Event()
+        self._thread = None
+        self._handle = None
+
+    def start(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            self._read = lambda: pynvml.nvmlDeviceGetMemoryInfo(self._handle).used
+        except Exception:  # no NVIDIA driver: the GPU column says so
+            return
+        self.peak = self._read()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self._read())
+
+    def stop(self) -> int | None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._read())
+        return self.peak
+
+
+@contextmanager
+def measure():
+    """Yields a dict that holds the measurements once the block ends."""
+    figures: dict = {"device": device_description()}
+    gpu = torch.cuda.is_available()
+    sampler = _NvmlSampler()
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        sampler.start()
+    tracing = not tracemalloc.is_tracing()
+    if tracing:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    start = time.perf_counter()
+    try:
+        yield figures
+    finally:
+        if gpu:
+            torch.cuda.synchronize()
+        figures["wall_s"] = time.perf_counter() - start
+        figures["user_heap_peak_mb"] = tracemalloc.get_traced_memory()[1] / 2**20
+        if tracing:
+            tracemalloc.stop()
+        nvml_peak = sampler.stop() if gpu else None
+        figures["server_gpu_peak_mb"] = nvml_peak / 2**20 if nvml_peak is not None else None
+        figures["torch_gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if gpu else None
+        figures["process_rss_mb"] = psutil.Process().memory_info().rss / 2**20

@@ -1,0 +1,51 @@
+"""Profiles: named sets of protocol settings. `paper` follows the papers; `quick` fits a 2-core CPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from harness.errors import unknown_name
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    seeds: tuple[int, ...]
+    k_shot: int = 16
+    eval_cap: int | None = None  # stratified cap on eval rows (None: the whole eval split)
+    method_overrides: dict = field(default_factory=dict)  # method name -> {config field: value}
+
+    def overrides_for(self, method: str) -> dict:
+        return dict(self.method_overrides.get(method, {}))
+
+
+PROFILES = {
+    p.name: p
+    for p in [
+        Profile(
+            name="paper",
+            description="the papers' protocol: 16 shots per class, 3 splits (seeds 13, 42, 100), full eval sets",
+            seeds=(13, 42, 100),
+        ),
+        Profile(
+            name="quick",
+            description="fits a 2-core CPU: 16 shots, 1 split (seed 42), eval capped at 400 rows per task "
+            "(stratified, fixed sample shared by all methods)",
+            seeds=(42,),
+            eval_cap=400,
+        ),
+    ]
+}
+
+
+def default_profile() -> str:
+    return "paper" if torch.cuda.is_available() else "quick"
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise unknown_name("profile", name, PROFILES)
+    return PROFILES[name]

@@ -1,0 +1,185 @@
+"""Reports: markdown tables made from the results store with pandas, one function per table.
+
+Every table says which backbone, device, profile and package versions it comes from, and the data caveats
+(training pools, eval subsets and caps) of the tasks it shows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+TASK_ORDER = ["sst2", "yelpp", "agnews", "dbpedia", "mrpc", "snli", "rte"]  # the papers' column order
+GROUP_ORDER = ["gradient-based", "gradient-free"]
+
+
+def load_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per finished run (the latest record of each run id)."""
+    ok = {r["run_id"]: r for r in records if r.get("status") == "ok"}
+    rows = []
+    for r in ok.values():
+        queries = r.get("queries") or {}
+        phase = queries.get("train") if queries.get("train", {}).get("queries") else queries.get("eval", {})
+        rows.append(
+            {
+                "method": r["method"],
+                "task": r["task"],
+                "seed": r["seed"],
+                "backbone": r["backbone"],
+                "profile": r["profile"],
+                "group": r["group"],
+                "score": r["metrics"]["score"],
+                "metric": r["metric"],
+                "tunable": r["tunable_parameters"],
+                "as_a_service": r["as_a_service"],
+                "deployment_efficient": r["deployment_efficient"],
+                "fit_s": r["meters"].get("fit_s"),
+                "wall_s": r["meters"]["wall_s"],
+                "device": r["meters"]["device"],
+                "server_gpu_mb": r["meters"].get("server_gpu_peak_mb"),
+                "user_mb": r["meters"].get("user_heap_peak_mb", 0) + r["meters"].get("user_tensor_mb", 0),
+                "upload_b": (phase or {}).get("upload_per_query_bytes"),
+                "download_b": (phase or {}).get("download_per_query_bytes"),
+                "eval_size": r["split"]["eval_size"],
+                "eval_full_size": r["split"]["eval_full_size"],
+                "caveats": r["split"]["caveats"],
+                "versions": r["versions"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _ordered_tasks(tasks) -> list[str]:
+    return [t for t in TASK_ORDER if t in set(tasks)] + sorted(set(tasks) - set(TASK_ORDER))
+
+
+def _method_order(frame: pd.DataFrame) -> list[str]:
+    from methods import registry
+
+    known = list(registry())  # registration order: the papers' row order
+    groups = frame.groupby("method")["group"].first()
+    return sorted(groups.index, key=lambda m: (GROUP_ORDER.index(groups[m]), known.index(m) if m in known else 99, m))
+
+
+def _cell(scores: pd.Series) -> str:
+    if len(scores) == 1:
+        return f"{scores.iloc[0]:.2f}"
+    return f"{scores.mean():.2f} ± {scores.std(ddof=0):.2f}"
+
+
+def _params(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(int(n))
+
+
+def comparison_table(frame: pd.DataFrame) -> str:
+    """Methods x tasks, mean ± std over seeds, with the tunable parameters and the average over tasks."""
+    tasks = _ordered_tasks(frame["task"])
+    rows = []
+    for method in _method_order(frame):
+        part = frame[frame["method"] == method]
+        row = {"group": part["group"].iloc[0], "method": method, "tunable params": _params(part["tunable"].max())}
+        means = []
+        for task in tasks:
+            scores = part[part["task"] == task]["score"]
+            row[_task_header(frame, task)] = _cell(scores) if len(scores) else "–"
+            if len(scores):
+                means.append(scores.mean())
+        row["avg"] = f"{sum(means) / len(means):.2f}" + ("" if len(means) == len(tasks) else f" ({len(means)} tasks)")
+        row["seeds"] = ",".join(str(s) for s in sorted(part["seed"].unique()))
+        rows.append(row)
+    return pd.DataFrame(rows).to_markdown(index=False)
+
+
+def _task_header(frame: pd.DataFrame, task: str) -> str:
+    part = frame[frame["task"] == task]
+    metric = part["metric"].iloc[0]
+    subset = (part["eval_size"] < part["eval_full_size"]).any() or any("eval_subset" in c for c in part["caveats"])
+    return task + (" (F1)" if metric == "f1" else "") + (" †" if subset else "")
+
+
+def _mb(value) -> str:
+    return "n/a (CPU)" if value is None or pd.isna(value) else f"{value / 1024:.1f} GB" if value > 1024 else f"{value:.0f} MB"
+
+
+def _bytes(value) -> str:
+    if value is None or pd.isna(value):
+        return "–"
+    return f"{value / 1024:.2f} KB" if value >= 1024 else f"{value:.0f} B"
+
+
+def cost_table(frame: pd.DataFrame, tasks=("sst2", "agnews")) -> str:
+    """The BBT paper's cost table: flags, score, training time, memory, bytes per query."""
+    rows = []
+    tasks = [t for t in tasks if t in set(frame["task"])]
+    for method in _method_order(frame):
+        part = frame[(frame["method"] == method) & frame["task"].isin(tasks)]
+        if part.empty:
+            continue
+        by_task = {t: part[part["task"] == t] for t in tasks}
+
+        def each(fn):
+            return " / ".join(fn(p) if len(p) else "–" for p in by_task.values())
+
+        served = bool(part["as_a_service"].iloc[0])
+        rows.append(
+            {
+                "method": method,
+                "deployment-efficient": "yes" if part["deployment_efficient"].iloc[0] else "no",
+                "as-a-service": "yes" if served else "no",
+                "score": each(lambda p: f"{p['score'].mean():.1f}"),
+                "train time": each(lambda p: f"{p['fit_s'].mean() / 60:.1f} min"),
+                "user mem": each(lambda p: f"{p['user_mb'].max():.0f} MB") if served else "–",
+                "server mem": each(lambda p: _mb(p["server_gpu_mb"].max())),
+                "upload/query": each(lambda p: _bytes(p["upload_b"].mean())) if served else "–",
+                "download/query": each(lambda p: _bytes(p["download_b"].mean())) if served else "–",
+            }
+        )
+    header = f"Tasks: {' / '.join(tasks)}. Per-query bytes are those of training queries (of eval queries where a method sends none)."
+    return header + "\n\n" + pd.DataFrame(rows).to_markdown(index=False)
+
+
+def provenance(frame: pd.DataFrame) -> str:
+    lines = [
+        f"- backbone: {', '.join(sorted(frame['backbone'].unique()))}",
+        f"- device: {', '.join(sorted(frame['device'].unique()))}",
+        f"- profile: {', '.join(sorted(frame['profile'].unique()))}",
+        f"- runs: {len(frame)} ({frame['method'].nunique()} methods × {frame['task'].nunique()} tasks, seeds "
+        f"{', '.join(str(s) for s in sorted(frame['seed'].unique()))})",
+    ]
+    versions = sorted({", ".join(f"{k} {v}" for k, v in sorted(r.items())) for r in frame["versions"]})
+    lines += [f"- packages: {v}" for v in versions]
+    lines.append("- data caveats († = scored on a subset of the eval split):")
+    for task in _ordered_tasks(frame["task"]):
+        part = frame[frame["task"] == task]
+        caveats = {k: v for c in part["caveats"] for k, v in c.items()}
+        if caveats:
+            lines.append(f"  - {task}: " + "; ".join(caveats.values()))
+    return "\n".join(lines)
+
+
+def render(records: list[dict]) -> str:
+    frame = load_frame(records)
+    if frame.empty:
+        return "# Results\n\nNo finished runs in the results store yet.\n"
+    sections = ["# Results", "Generated by `harness report` from the results store; do not edit by hand."]
+    for (backbone, profile), part in frame.groupby(["backbone", "profile"]):
+        sections += [
+            f"## {backbone}, profile `{profile}`",
+            provenance(part),
+            "### Comparison (16-shot; mean ± std over seeds; mrpc is F1)",
+            comparison_table(part),
+            "### Cost",
+            cost_table(part),
+        ]
+    return "\n\n".join(sections) + "\n"
+
+
+def write_report(records: list[dict], out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(records))
+    return out

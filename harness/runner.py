@@ -1,0 +1,178 @@
+"""The runner: expands a request into RunSpecs, skips finished ones, runs the rest and records each.
+
+Call path: cli.run -> run_grid -> run_one -> Method.fit / Method.predict -> ModelService -> Scorer -> model.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+import traceback
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+
+import numpy as np
+
+from harness.backbones import Backbone, load_backbone
+from harness.data import FewShotSplit, TaskData, load_task_data, make_split
+from harness.errors import HarnessError
+from harness.meters import measure
+from harness.metrics import score
+from harness.profiles import Profile
+from harness.prompts import PromptFormat
+from harness.scoring import mask_string
+from harness.service import ModelService
+from harness.store import ResultsStore, RunSpec
+from harness.tasks import TaskCard
+from methods import get_method
+from methods.base import RunContext
+
+log = logging.getLogger("harness")
+PACKAGES = ("bbt-harness", "torch", "transformers", "datasets", "numpy", "cma", "peft", "pandas")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def method_config(method: str, profile: Profile, overrides: dict | None = None):
+    cls = get_method(method).config_class
+    values = {**profile.overrides_for(method), **(overrides or {})}
+    unknown = set(values) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise HarnessError(f"method '{method}' has no setting(s) {sorted(unknown)}; it has {sorted(cls.__dataclass_fields__)}")
+    return cls(**values)
+
+
+def expand(methods: list[str], tasks: list[str], seeds: list[int], backbone: str, profile: Profile) -> list[RunSpec]:
+    specs = []
+    for method in methods:
+        config = asdict(method_config(method, profile))
+        # a method that uses no training data gives the same result for every split: run it once
+        method_seeds = seeds if get_method(method).uses_train else seeds[:1]
+        for task in tasks:
+            for seed in method_seeds:
+                specs.append(RunSpec(method, task, seed, backbone, profile.k_shot, profile.eval_cap, config))
+    return specs
+
+
+@dataclass
+class GridSummary:
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def run_one(
+    spec: RunSpec, card: TaskCard, data: TaskData, split: FewShotSplit, backbone: Backbone, profile: Profile
+) -> dict:
+    cls = get_method(spec.method)
+    config = cls.config_class(**spec.config)
+    service = ModelService(backbone) if cls.as_a_service else None
+    prompt = PromptFormat(card, backbone.family, mask_string(backbone.tokenizer, backbone.family))
+    # black-box methods get the service only; gradient methods own the model
+    ctx = RunContext(card, prompt, spec.seed, service=service, backbone=None if cls.as_a_service else backbone)
+    method = cls(config, ctx)
+    started = time.time()
+    train_phase = service.phase("train") if service else nullcontext()
+    eval_phase = service.phase("eval") if service else nullcontext()
+    with measure() as meters:
+        with train_phase:
+            method.fit(split.train, split.dev)
+        meters["fit_s"] = time.time() - started
+        with eval_phase:
+            preds = method.predict(split.eval)
+    meters["user_tensor_mb"] = method.user_tensor_bytes() / 2**20
+    gold = np.array([e["label"] for e in split.eval])
+    return {
+        "run_id": spec.run_id,
+        "status": "ok",
+        "spec": asdict(spec),
+        "method": spec.method,
+        "task": spec.task,
+        "seed": spec.seed,
+        "backbone": spec.backbone,
+        "profile": profile.name,
+        "config_hash": spec.config_hash,
+        "group": cls.group,
+        "as_a_service": cls.as_a_service,
+        "deployment_efficient": cls.deployment_efficient,
+        "tunable_parameters": method.tunable_parameters(),
+        "metric": card.metric,
+        "metrics": score(card, gold, preds),
+        "split": {
+            "seed": split.seed,
+            "k_shot": spec.k_shot,
+            "train_size": len(split.train),
+            "dev_size": len(split.dev),
+            "split_hash": split.split_hash,
+            "eval_hash": split.eval_hash,
+            "eval_size": split.eval_size,
+            "eval_full_size": split.eval_full_size,
+            "data_source": data.source,
+            "caveats": {**data.caveats, **_cap_caveat(split)},
+        },
+        "meters": meters,
+        "queries": service.meter.summary() if service else None,
+        "backbone_identity": backbone.identity,
+        "versions": package_versions(),
+        "started": started,
+        "trace": method.trace(),
+    }
+
+
+def _cap_caveat(split: FewShotSplit) -> dict:
+    if split.eval_size < split.eval_full_size:
+        return {"eval_capped": f"scored on {split.eval_size} of {split.eval_full_size} eval rows"}
+    return {}
+
+
+def run_grid(
+    specs: list[RunSpec],
+    cards: dict[str, TaskCard],
+    profile: Profile,
+    store: ResultsStore,
+    data_dir: str | None = None,
+) -> GridSummary:
+    summary = GridSummary()
+    finished = store.finished_ids()
+    pending = []
+    for spec in specs:
+        if spec.run_id in finished:
+            summary.skipped.append(spec.label())
+        else:
+            pending.append(spec)
+    log.info("%d run(s) to do, %d already finished", len(pending), len(summary.skipped))
+    if not pending:
+        return summary
+    # load every task's data first: a missing data dir fails before any compute is spent
+    data = {task: load_task_data(cards[task], data_dir) for task in sorted({s.task for s in pending})}
+    backbone = load_backbone(pending[0].backbone)
+    for index, spec in enumerate(pending, 1):
+        if spec.backbone != backbone.name:
+            backbone = load_backbone(spec.backbone)
+        log.info("[%d/%d] %s", index, len(pending), spec.label())
+        split = make_split(cards[spec.task], data[spec.task], spec.k_shot, spec.seed, spec.eval_cap)
+        try:
+            record = run_one(spec, cards[spec.task], data[spec.task], split, backbone, profile)
+        except HarnessError:
+            raise  # a configuration error would fail every run alike: stop and say so
+        except Exception as exc:
+            log.error("%s failed: %s", spec.label(), exc)
+            store.append({"run_id": spec.run_id, "status": "failed", "spec": asdict(spec), "error": traceback.format_exc()})
+            summary.failed.append((spec.label(), f"{type(exc).__name__}: {exc}"))
+            continue
+        store.append(record)
+        summary.ran.append(spec.label())
+        log.info(
+            "    %s = %.2f  (%.1f s)", record["metric"], record["metrics"]["score"], record["meters"]["wall_s"]
+        )
+    return summary

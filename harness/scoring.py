@@ -1,0 +1,184 @@
+"""Server-side scoring: one path per backbone family, each returning label-word logits.
+
+- clm: the label word is the next token after the rendered input (read at its last real token);
+- mlm: read at the single mask token;
+- seq2seq: T5-style models read at decoder position 1 after `<start> <extra_id_0>`; BART-style denoisers read at
+  the mask's position of the teacher-forced reconstruction.
+
+Only the label-word rows of the output layer are applied, so no full-vocabulary logits are ever formed for
+clm/seq2seq; tests compare every path with the model's own full forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from harness.errors import HarnessError
+
+
+def label_token_ids(tokenizer, label_words: list[str]) -> list[int]:
+    """The label id is the FIRST sub-token of each label word (as in the BBT reference)."""
+    ids = []
+    for word in label_words:
+        pieces = tokenizer(word, add_special_tokens=False).input_ids
+        if not pieces:
+            raise HarnessError(f"label word {word!r} tokenizes to nothing")
+        ids.append(pieces[0])
+    if len(set(ids)) != len(ids):
+        raise HarnessError(f"label words {label_words} share a first sub-token {ids}; choose distinct words")
+    return ids
+
+
+def mask_string(tokenizer, family: str) -> str:
+    """The text that plays the mask in a template for this family."""
+    if family == "clm":
+        return ""
+    if family == "seq2seq" and getattr(tokenizer, "mask_token", None) is None:
+        return "<extra_id_0>"  # T5 sentinel
+    if tokenizer.mask_token is None:
+        raise HarnessError(f"{type(tokenizer).__name__} has no mask token for a {family} template")
+    return tokenizer.mask_token
+
+
+@dataclass
+class Encoded:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    read_at: torch.Tensor  # position whose hidden state predicts the label word, per row
+
+
+def _restricted_head(model, hidden: torch.Tensor, label_ids: list[int]) -> torch.Tensor:
+    """Apply only the label rows of the output embedding (+ bias / final bias / softcap where the model has them)."""
+    head = model.get_output_embeddings()
+    ids = torch.as_tensor(label_ids, device=hidden.device)
+    bias = head.bias[ids] if getattr(head, "bias", None) is not None else None
+    logits = F.linear(hidden, head.weight[ids], bias)
+    final_bias = getattr(model, "final_logits_bias", None)  # BART
+    if final_bias is not None:
+        logits = logits + final_bias[0, ids]
+    softcap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+class Scorer:
+    """Tokenises rendered texts and returns [N, n_labels] label logits for one family."""
+
+    family = ""
+
+    def __init__(self, model, tokenizer, max_length: int = 512):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.device = next(model.parameters()).device
+
+    def encode(self, texts: list[str]) -> Encoded:
+        self.tokenizer.padding_side = "right"
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=False)
+        if batch.input_ids.shape[1] > self.max_length:
+            raise HarnessError(
+                f"an input has {batch.input_ids.shape[1]} tokens, over the backbone's limit {self.max_length}; "
+                "lower the task card's max_chars"
+            )
+        input_ids = batch.input_ids.to(self.device)
+        attention_mask = batch.attention_mask.to(self.device)
+        return Encoded(input_ids, attention_mask, self._read_positions(input_ids, attention_mask))
+
+    def _mask_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mask_id = self.tokenizer.convert_tokens_to_ids(mask_string(self.tokenizer, self.family))
+        hits = input_ids == mask_id
+        if not torch.all(hits.sum(dim=1) == 1):
+            raise HarnessError("each input must contain exactly one mask token; check the task card's template")
+        return hits.int().argmax(dim=1)
+
+    @torch.no_grad()
+    def label_logits(self, texts: list[str], label_ids: list[int]) -> torch.Tensor:
+        return self.forward_label_logits(self.encode(texts), label_ids)
+
+    def forward_label_logits(self, enc: Encoded, label_ids: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _rows(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
+
+
+class CausalScorer(Scorer):
+    family = "clm"
+
+    def _read_positions(self, input_ids, attention_mask):
+        return attention_mask.sum(dim=1) - 1  # right padding: the last real token
+
+    def forward_label_logits(self, enc, label_ids):
+        hidden = self.model.base_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
+        return _restricted_head(self.model, self._rows(hidden, enc.read_at), label_ids)
+
+
+class MaskedScorer(Scorer):
+    family = "mlm"
+
+    def _read_positions(self, input_ids, attention_mask):
+        return self._mask_positions(input_ids)
+
+    def forward_label_logits(self, enc, label_ids):
+        hidden = self.model.base_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
+        rows = self._rows(hidden, enc.read_at)
+        # the MLM head has a transform (dense, activation, norm) before the decoder: run it on the mask rows only
+        head = _mlm_head(self.model)
+        return head(rows)[:, label_ids]
+
+
+def _mlm_head(model) -> torch.nn.Module:
+    prefix = model.base_model_prefix
+    heads = [module for name, module in model.named_children() if name != prefix]
+    if len(heads) != 1:
+        raise HarnessError(f"cannot find the MLM head of {type(model).__name__}")
+    return heads[0]
+
+
+class Seq2SeqScorer(Scorer):
+    family = "seq2seq"
+
+    @property
+    def sentinel(self) -> bool:
+        return getattr(self.tokenizer, "mask_token", None) is None
+
+    def _read_positions(self, input_ids, attention_mask):
+        if self.sentinel:
+            return torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        return self._mask_positions(input_ids)
+
+    def _decoder_inputs(self, enc: Encoded) -> torch.Tensor:
+        start = self.model.config.decoder_start_token_id
+        n = enc.input_ids.shape[0]
+        if self.sentinel:
+            sentinel = self.tokenizer.convert_tokens_to_ids("<extra_id_0>")
+            return torch.tensor([[start, sentinel]], device=self.device).expand(n, 2)
+        # denoising: the decoder reconstructs the input; it is causal, so nothing after the mask is needed
+        shifted = torch.cat([torch.full((n, 1), start, device=self.device), enc.input_ids[:, :-1]], dim=1)
+        return shifted[:, : int(enc.read_at.max()) + 1]
+
+    def forward_label_logits(self, enc, label_ids):
+        encoded = self.model.get_encoder()(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+        decoded = self.model.get_decoder()(
+            input_ids=self._decoder_inputs(enc),
+            encoder_hidden_states=encoded.last_hidden_state,
+            encoder_attention_mask=enc.attention_mask,
+        )
+        rows = self._rows(decoded.last_hidden_state, enc.read_at)
+        if getattr(self.model.config, "tie_word_embeddings", False) and self.model.config.model_type in ("t5", "mt5"):
+            rows = rows * self.model.config.d_model**-0.5  # T5 rescales before a tied head
+        return _restricted_head(self.model, rows, label_ids)
+
+
+SCORERS = {cls.family: cls for cls in (CausalScorer, MaskedScorer, Seq2SeqScorer)}
+
+
+def make_scorer(backbone) -> Scorer:
+    limit = getattr(backbone.model.config, "max_position_embeddings", None) or 512
+    if backbone.model.config.model_type in ("roberta", "xlm-roberta"):
+        limit -= 2  # RoBERTa's position ids start after the padding index
+    return SCORERS[backbone.family](backbone.model, backbone.tokenizer, max_length=min(limit, 4096))
