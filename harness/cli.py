@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 
 from harness.backbones import DEFAULT_BACKBONE, REGISTRY, get_spec
 from harness.errors import HarnessError, unknown_name
@@ -37,6 +38,8 @@ def _seeds(value: str | None, profile) -> list[int]:
 
 def cmd_run(args) -> int:
     profile = get_profile(args.profile or default_profile())
+    if args.eval_cap is not None:
+        profile = replace(profile, eval_cap=args.eval_cap or None)
     cards = load_cards(args.tasks_dir)
     methods = _names(args.methods, registry(), "method")
     tasks = _names(args.datasets, cards, "task")
@@ -94,6 +97,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", help="comma-separated split seeds (default: the profile's)")
     run.add_argument("--backbone", default=DEFAULT_BACKBONE)
     run.add_argument("--profile", help="paper | quick (default: paper with a GPU, quick without)")
+    run.add_argument("--eval-cap", type=int, help="score at most N eval rows per task, stratified (0: all)")
     run.add_argument("--data-dir", help="local task data laid out like shared/data (else HARNESS_DATA_DIR, else the hub)")
     common(run)
     run.set_defaults(func=cmd_run)

@@ -65,10 +65,12 @@ def _load_local(card: TaskCard, folder: Path) -> TaskData:
             f"task '{card.name}': {', '.join(missing)} not found under the data dir {folder} "
             f"(expected the layout {card.local['train']}, {card.local['eval']})"
         )
-    try:
-        loaded = datasets.load_dataset("json", data_files={k: str(v) for k, v in files.items()})
-    except Exception as exc:  # datasets raises several types for malformed JSON
-        raise HarnessError(f"task '{card.name}': could not read {folder}: {exc}") from exc
+    loaded = {}
+    for split, path in files.items():  # one at a time: a split's extra columns need not match the other's
+        try:
+            loaded[split] = datasets.load_dataset("json", data_files=str(path), split="train")
+        except Exception as exc:  # datasets raises several types for malformed JSON
+            raise HarnessError(f"task '{card.name}': could not read {path}: {exc}") from exc
     caveats = {k: card.local[k] for k in ("train_is_pool", "eval_subset") if k in card.local}
     return TaskData(_clean(card, loaded["train"]), _clean(card, loaded["eval"]), f"local:{folder}", caveats)
 

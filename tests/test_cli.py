@@ -1,0 +1,43 @@
+"""The command line: clear errors for bad input, and the report from the store."""
+
+import pytest
+
+import harness.runner as runner
+from harness.cli import main
+from tests.conftest import tiny_backbone
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "--methods", "bbt9"], "unknown method 'bbt9'; valid methods: manual"),
+        (["run", "--datasets", "sst2,imdb"], "unknown task 'imdb'; valid tasks: agnews, dbpedia"),
+        (["run", "--backbone", "llama-70b"], "unknown backbone 'llama-70b'; valid backbones: bart-large"),
+        (["run", "--profile", "fast"], "unknown profile 'fast'; valid profiles: paper, quick"),
+        (["run", "--seeds", "1,x"], "--seeds takes integers"),
+    ],
+)
+def test_bad_input_is_a_clear_error(argv, message, capsys, tmp_path):
+    assert main(argv + ["--results-dir", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_is_a_clear_error_before_any_compute(capsys, tmp_path):
+    code = main(["run", "--datasets", "sst2", "--data-dir", str(tmp_path / "nowhere"), "--results-dir", str(tmp_path)])
+    assert code == 2
+    assert "not found under the data dir" in capsys.readouterr().err
+
+
+def test_run_then_report(tmp_path, shared_data, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "load_backbone", lambda name: tiny_backbone("gpt2"))
+    monkeypatch.setattr("harness.cli.get_spec", lambda name: None)  # the tiny backbone is not in the registry
+    report = tmp_path / "report.md"
+    argv = ["run", "--datasets", "sst2,mrpc,dbpedia", "--backbone", "tiny-gpt2", "--eval-cap", "60",
+            "--data-dir", str(shared_data), "--results-dir", str(tmp_path), "--report", str(report)]
+    assert main(argv) == 0
+    text = report.read_text()
+    assert "| gradient-free | manual" in text
+    for fragment in ("sst2 †", "dbpedia †", "mrpc (F1) †", "n/a (CPU)", "profile `quick`", "torch 2.", "pool of 3,607"):
+        assert fragment in text, fragment
+    assert main(["report", "--results-dir", str(tmp_path), "--report", str(report), "--print"]) == 0
+    assert "### Cost" in capsys.readouterr().out
