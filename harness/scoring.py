@@ -11,6 +11,7 @@ clm/seq2seq; tests compare every path with the model's own full forward.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,46 @@ class Encoded:
     attention_mask: torch.Tensor
     read_at: torch.Tensor  # position whose hidden state predicts the label word, per row
 
+    def tile(self, times: int) -> "Encoded":
+        """The batch repeated `times` times, candidate-major (row = candidate * N + example)."""
+        return Encoded(self.input_ids.repeat(times, 1), self.attention_mask.repeat(times, 1), self.read_at.repeat(times))
+
+
+@dataclass
+class PromptBatch:
+    """Prompt vectors of P candidates: [P, slots, n_tokens, hidden]. Slot 0 enters with the input embeddings
+    (added to `placeholders` in "add" mode); slot j >= 1 is added to the hidden states entering layer j."""
+
+    vectors: torch.Tensor
+    placeholders: torch.Tensor | None = None  # [n_tokens, hidden] embeddings of the placeholder tokens
+
+    @property
+    def size(self) -> int:
+        return self.vectors.shape[0]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.vectors.shape[2]
+
+    def rows(self, slot: int, n: int) -> torch.Tensor:
+        """Slot vectors repeated for each of the n examples: [P * n, n_tokens, hidden]."""
+        return self.vectors[:, slot].repeat_interleave(n, dim=0)
+
+
+def transformer_layers(model) -> torch.nn.ModuleList:
+    """The stack of transformer layers that deep prompts enter (the encoder's, for encoder-decoders)."""
+    root = model.get_encoder() if model.config.is_encoder_decoder else model.base_model
+    for module in root.modules():
+        if isinstance(module, torch.nn.ModuleList):
+            return module
+    raise HarnessError(f"cannot find the transformer layers of {type(model).__name__}")
+
+
+def embedding_scale(model) -> float:
+    """Some models (Gemma) multiply embeddings by a constant inside the embedding module."""
+    scale = getattr(model.get_input_embeddings(), "embed_scale", 1.0)
+    return float(scale)
+
 
 def _restricted_head(model, hidden: torch.Tensor, label_ids: list[int]) -> torch.Tensor:
     """Apply only the label rows of the output embedding (+ bias / final bias / softcap where the model has them)."""
@@ -75,6 +116,8 @@ class Scorer:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.device = next(model.parameters()).device
+        first = tokenizer("a").input_ids[0]
+        self.insert_at = 1 if first in tokenizer.all_special_ids else 0  # prompts go after <s>/[CLS]/<bos>
 
     def encode(self, texts: list[str]) -> Encoded:
         self.tokenizer.padding_side = "right"
@@ -96,11 +139,82 @@ class Scorer:
         return hits.int().argmax(dim=1)
 
     @torch.no_grad()
-    def label_logits(self, texts: list[str], label_ids: list[int]) -> torch.Tensor:
-        return self.forward_label_logits(self.encode(texts), label_ids)
+    def label_logits(self, texts: list[str], label_ids: list[int], prompt: PromptBatch | None = None) -> torch.Tensor:
+        return self.forward_label_logits(self.encode(texts), label_ids, prompt)
 
-    def forward_label_logits(self, enc: Encoded, label_ids: list[int]) -> torch.Tensor:
+    def forward_label_logits(self, enc: Encoded, label_ids: list[int], prompt: PromptBatch | None = None) -> torch.Tensor:
+        """[N, labels] without a prompt; [P * N, labels] (candidate-major) with P prompt candidates."""
+        if prompt is None:
+            return self._label_logits({"input_ids": enc.input_ids}, enc.attention_mask, enc.read_at, enc, label_ids)
+        n = enc.input_ids.shape[0]
+        tiled = enc.tile(prompt.size)
+        embeds = self.model.get_input_embeddings()(tiled.input_ids)
+        first = prompt.rows(0, n)
+        if prompt.placeholders is not None:
+            first = first + prompt.placeholders
+        at, width = self.insert_at, prompt.n_tokens
+        embeds = torch.cat([embeds[:, :at], first.to(embeds.dtype), embeds[:, at:]], dim=1)
+        ones = torch.ones(tiled.attention_mask.shape[0], width, dtype=tiled.attention_mask.dtype, device=self.device)
+        mask = torch.cat([tiled.attention_mask[:, :at], ones, tiled.attention_mask[:, at:]], dim=1)
+        with self.deep_prompts(prompt, n):
+            return self._label_logits({"inputs_embeds": embeds}, mask, self._shift(tiled.read_at, width), tiled, label_ids)
+
+    def _shift(self, read_at: torch.Tensor, width: int) -> torch.Tensor:
+        return read_at + width  # the read position moves right by the prompt's length
+
+    @contextmanager
+    def deep_prompts(self, prompt: PromptBatch, n: int):
+        """Add slot j's vectors to the hidden states entering layer j, at the prompt positions."""
+        handles = []
+        at, width = self.insert_at, prompt.n_tokens
+        layers = transformer_layers(self.model)
+        for slot in range(1, prompt.vectors.shape[1]):
+            vectors = prompt.rows(slot, n)
+
+            def hook(module, args, kwargs, vectors=vectors):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                if hidden.shape[0] != vectors.shape[0]:
+                    return None  # e.g. a decoder layer of another stack sharing the class: leave it alone
+                span = hidden[:, at : at + width] + vectors.to(hidden.dtype)
+                hidden = torch.cat([hidden[:, :at], span, hidden[:, at + width :]], dim=1)
+                return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+            handles.append(layers[slot].register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _label_logits(self, inputs: dict, attention_mask, read_at, tiled: Encoded, label_ids) -> torch.Tensor:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def hidden_stds(self, texts: list[str]) -> list[float]:
+        """Per prompt slot, the scale of what the slot's vectors are added to: slot 0, the word-embedding matrix
+        (with the model's embedding scale); slot j >= 1, the clipped std of the real tokens' hidden states
+        entering layer j on these texts (BBTv2)."""
+        from harness.prompting import clipped_std
+
+        enc = self.encode(texts)
+        real = enc.attention_mask.bool()
+        seen: dict[int, torch.Tensor] = {}
+        layers = transformer_layers(self.model)
+        handles = [
+            layer.register_forward_pre_hook(
+                lambda module, args, kwargs, j=j: seen.__setitem__(j, (args[0] if args else kwargs["hidden_states"])),
+                with_kwargs=True,
+            )
+            for j, layer in enumerate(layers)
+        ]
+        try:
+            self.forward_label_logits(enc, [0])
+        finally:
+            for handle in handles:
+                handle.remove()
+        weight = self.model.get_input_embeddings().weight
+        stds = [float(weight.float().std()) * embedding_scale(self.model)]
+        return stds + [clipped_std(seen[j][real]) for j in range(1, len(layers))]
 
     def _rows(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
@@ -112,9 +226,9 @@ class CausalScorer(Scorer):
     def _read_positions(self, input_ids, attention_mask):
         return attention_mask.sum(dim=1) - 1  # right padding: the last real token
 
-    def forward_label_logits(self, enc, label_ids):
-        hidden = self.model.base_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
-        return _restricted_head(self.model, self._rows(hidden, enc.read_at), label_ids)
+    def _label_logits(self, inputs, attention_mask, read_at, tiled, label_ids):
+        hidden = self.model.base_model(**inputs, attention_mask=attention_mask).last_hidden_state
+        return _restricted_head(self.model, self._rows(hidden, read_at), label_ids)
 
 
 class MaskedScorer(Scorer):
@@ -123,12 +237,11 @@ class MaskedScorer(Scorer):
     def _read_positions(self, input_ids, attention_mask):
         return self._mask_positions(input_ids)
 
-    def forward_label_logits(self, enc, label_ids):
-        hidden = self.model.base_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
-        rows = self._rows(hidden, enc.read_at)
+    def _label_logits(self, inputs, attention_mask, read_at, tiled, label_ids):
+        hidden = self.model.base_model(**inputs, attention_mask=attention_mask).last_hidden_state
+        rows = self._rows(hidden, read_at)
         # the MLM head has a transform (dense, activation, norm) before the decoder: run it on the mask rows only
-        head = _mlm_head(self.model)
-        return head(rows)[:, label_ids]
+        return _mlm_head(self.model)(rows)[:, label_ids]
 
 
 def _mlm_head(model) -> torch.nn.Module:
@@ -161,14 +274,17 @@ class Seq2SeqScorer(Scorer):
         shifted = torch.cat([torch.full((n, 1), start, device=self.device), enc.input_ids[:, :-1]], dim=1)
         return shifted[:, : int(enc.read_at.max()) + 1]
 
-    def forward_label_logits(self, enc, label_ids):
-        encoded = self.model.get_encoder()(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+    def _shift(self, read_at, width):
+        return read_at  # read in the decoder, which never sees the prompt
+
+    def _label_logits(self, inputs, attention_mask, read_at, tiled, label_ids):
+        encoded = self.model.get_encoder()(**inputs, attention_mask=attention_mask)
         decoded = self.model.get_decoder()(
-            input_ids=self._decoder_inputs(enc),
+            input_ids=self._decoder_inputs(tiled),
             encoder_hidden_states=encoded.last_hidden_state,
-            encoder_attention_mask=enc.attention_mask,
+            encoder_attention_mask=attention_mask,
         )
-        rows = self._rows(decoded.last_hidden_state, enc.read_at)
+        rows = self._rows(decoded.last_hidden_state, read_at)
         if getattr(self.model.config, "tie_word_embeddings", False) and self.model.config.model_type in ("t5", "mt5"):
             rows = rows * self.model.config.d_model**-0.5  # T5 rescales before a tied head
         return _restricted_head(self.model, rows, label_ids)

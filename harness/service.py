@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from harness.backbones import Backbone
-from harness.scoring import label_token_ids, make_scorer, mask_string
+from harness.errors import HarnessError
+from harness.prompting import PromptSpec, project
+from harness.scoring import PromptBatch, label_token_ids, make_scorer, mask_string, transformer_layers
 
 
 @dataclass
@@ -58,12 +60,17 @@ def array_bytes(array: np.ndarray) -> int:
 class ModelService:
     """Server side: holds the backbone; a method sees only this object's public methods."""
 
-    def __init__(self, backbone: Backbone, max_batch: int = 64):
+    def __init__(self, backbone: Backbone, max_batch: int = 64, max_tokens: int = 65536):
         self._backbone = backbone
         self._scorer = make_scorer(backbone)
         self._label_ids: dict[tuple[str, ...], list[int]] = {}
-        self.max_batch = max_batch  # sequences per forward: the server's memory bound, invisible to clients
+        # the server's memory bounds, invisible to clients: sequences per forward for plain queries, and tokens per
+        # forward for prompted ones (a generation of candidates is split into as few forwards as fit)
+        self.max_batch = max_batch
+        self.max_tokens = max_tokens
         self.meter = QueryMeter()
+        self._prompt: PromptSpec | None = None
+        self._projections: dict = {}
 
     # What the service documents to its users (an API's public facts, not model internals).
     @property
@@ -78,6 +85,14 @@ class ModelService:
     def backbone_name(self) -> str:
         return self._backbone.name
 
+    @property
+    def hidden_size(self) -> int:
+        return self._backbone.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def num_layers(self) -> int:
+        return len(transformer_layers(self._backbone.model))
+
     @contextmanager
     def phase(self, name: str):
         previous, self.meter.phase = self.meter.phase, name
@@ -86,12 +101,15 @@ class ModelService:
         finally:
             self.meter.phase = previous
 
-    def label_logits(self, texts: list[str], label_words: list[str]) -> np.ndarray:
-        """One query: [len(texts), len(label_words)] float32 logits of each label word's first token."""
+    def _ids(self, label_words: list[str]) -> list[int]:
         key = tuple(label_words)
         if key not in self._label_ids:
             self._label_ids[key] = label_token_ids(self._backbone.tokenizer, label_words)
-        ids = self._label_ids[key]
+        return self._label_ids[key]
+
+    def label_logits(self, texts: list[str], label_words: list[str]) -> np.ndarray:
+        """One query: [len(texts), len(label_words)] float32 logits of each label word's first token."""
+        ids = self._ids(label_words)
         with torch.inference_mode():
             chunks = [
                 self._scorer.label_logits(texts[i : i + self.max_batch], ids).float().cpu()
@@ -99,4 +117,57 @@ class ModelService:
             ]
         logits = torch.cat(chunks).numpy()
         self.meter.record(text_bytes(texts) + text_bytes(label_words), array_bytes(logits))
+        return logits
+
+    def hidden_stds(self, texts: list[str]) -> np.ndarray:
+        """One query: the scale of each prompt slot's target (see Scorer.hidden_stds), for projection stds."""
+        with torch.inference_mode():
+            stds = np.asarray(self._scorer.hidden_stds(texts), dtype=np.float32)
+        self.meter.record(text_bytes(texts), array_bytes(stds))
+        return stds
+
+    def configure_prompt(self, spec: PromptSpec) -> None:
+        """Declare, once, how later prompted queries are to be read (metered as one query)."""
+        if spec.slots not in (1, self.num_layers):
+            raise HarnessError(f"a prompt has 1 slot or one per layer ({self.num_layers}), not {spec.slots}")
+        self._prompt, self._projections = spec, {}
+        self.meter.record(spec.wire_bytes(), 0)
+
+    def prompted_label_logits(self, texts: list[str], label_words: list[str], sent: np.ndarray, sequential: bool = False) -> np.ndarray:
+        """P queries in one request, one per prompt candidate: [P, len(texts), labels] float32.
+
+        `sent` is [P, slots, d] (send="z") or [P, slots, n_tokens, hidden] (send="prompt"). By default the
+        candidates share forwards (population batching, chunked to max_tokens); `sequential` runs
+        one candidate per forward. Each candidate is metered as its own query either way.
+        """
+        spec = self._prompt
+        if spec is None:
+            raise HarnessError("configure_prompt must be called before prompted queries")
+        sent = np.asarray(sent, dtype=np.float32)
+        hidden = self.hidden_size
+        if spec.send == "z":
+            vectors = project(spec, sent, hidden, self._projections)
+        else:
+            vectors = torch.as_tensor(sent).view(-1, spec.slots, spec.n_tokens, hidden)
+        ids = self._ids(label_words)
+        model = self._backbone.model
+        placeholders = None
+        if spec.mode == "add":
+            table = model.get_input_embeddings()
+            start = max(0, min(spec.placeholder_start, table.weight.shape[0] - spec.n_tokens))  # small vocabularies
+            placeholders = table(torch.arange(start, start + spec.n_tokens, device=self._scorer.device))
+        enc = self._scorer.encode(texts)
+        n = len(texts)
+        rows = n * (enc.input_ids.shape[1] + spec.n_tokens)
+        per_forward = 1 if sequential else max(1, self.max_tokens // rows)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, vectors.shape[0], per_forward):
+                batch = PromptBatch(vectors[start : start + per_forward].to(self._scorer.device), placeholders)
+                logits = self._scorer.forward_label_logits(enc, ids, batch)
+                out.append(logits.float().cpu().view(batch.size, n, len(ids)))
+        logits = torch.cat(out).numpy()
+        per_query_upload = text_bytes(texts) + text_bytes(label_words) + array_bytes(sent[0])
+        for candidate in logits:
+            self.meter.record(per_query_upload, array_bytes(candidate))
         return logits

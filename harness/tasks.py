@@ -39,6 +39,7 @@ class TaskCard:
     replace: tuple = ()
     drop_labels: tuple = ()
     positive_label: int = 1
+    loss: str = "ce"  # the training loss black-box methods use by default: ce | hinge (BBT recommends hinge for pairs)
     max_chars: int = 2000  # longer training candidates are skipped, longer eval fields cut (~512 tokens)
     path: str = ""
 
@@ -64,6 +65,8 @@ def _parse(path: Path) -> TaskCard:
         raise HarnessError(f"task card {path} lacks {', '.join(missing)}")
     if raw["metric"] not in METRICS:
         raise HarnessError(f"task card {path}: metric '{raw['metric']}' is not one of {', '.join(METRICS)}")
+    if raw.get("loss", "ce") not in ("ce", "hinge"):
+        raise HarnessError(f"task card {path}: loss '{raw['loss']}' is not one of ce, hinge")
     templates = {}
     for family, entry in raw["templates"].items():
         if family not in FAMILIES:

@@ -9,6 +9,7 @@ from methods.base import Method
 
 MODULES = [
     "methods.manual",
+    "methods.bbt",
 ]
 
 _REGISTRY: dict[str, type[Method]] = {}

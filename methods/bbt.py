@@ -1,0 +1,228 @@
+"""BBT and BBTv2: derivative-free prompt search with CMA-ES (pycma) through the model service.
+
+BBT (Sun et al., ICML 2022): a prompt of n_tokens vectors p = A z (+ p0) at the input layer; z in R^d is
+optimised by CMA-ES on the 16-shot train set, one API call per candidate. BBTv2 (Sun et al., EMNLP 2022): a
+prompt at every layer, each with its own projection and CMA-ES, optimised by divide and conquer. The optimiser
+lives on the user side; the service receives z (or the prompt vectors, `send="prompt"`) and returns label logits.
+Choices the papers leave open are listed in docs/bbt.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cma
+import numpy as np
+
+from harness.errors import HarnessError
+from harness.metrics import score
+from harness.prompting import ProjectionSpec, PromptSpec, projection_std
+from methods import register
+from methods.base import Method, MethodConfig
+
+LOSSES = ("auto", "ce", "hinge", "neg-metric")
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(labels)), labels].mean())
+
+
+def hinge(logits: np.ndarray, labels: np.ndarray, margin: float = 2.0) -> float:
+    """Multi-class margin loss (as torch's MultiMarginLoss): mean over examples of
+    sum_{j != y} max(0, margin - s_y + s_j) / |labels|."""
+    gold = logits[np.arange(len(labels)), labels][:, None]
+    violations = np.maximum(0.0, margin - gold + logits)
+    violations[np.arange(len(labels)), labels] = 0.0
+    return float(violations.sum(axis=1).mean() / logits.shape[1])
+
+
+@dataclass
+class BBTConfig(MethodConfig):
+    n_tokens: int = 50
+    intrinsic_dim: int = 500
+    popsize: int = 20
+    sigma: float = 1.0
+    alpha: float = 1.0  # projection std = alpha * sigma_hat / (sqrt(d) * sigma)
+    budget: int = 8000  # API calls: one candidate scored on the train set
+    bound: float = 0.0  # 0: unbounded (the latest reference code); e.g. 5 for the paper era's [-5, 5]
+    loss: str = "auto"  # auto: the task card's (ce, or hinge for pair tasks) | ce | hinge | neg-metric
+    margin: float = 2.0
+    mode: str = "add"  # add (into placeholder-token embeddings) | cat
+    dist: str = "normal"  # projection init: normal | uniform
+    send: str = "z"  # what travels per query: z (the server applies A) | prompt (the vectors)
+    eval_every: int = 100  # dev check period, in API calls
+    batched: bool = True  # one forward per generation (population batching) vs one per candidate
+    eval_batch_size: int = 32
+
+
+class _BlackBoxPromptSearch(Method):
+    """What BBT and BBTv2 share: the prompt protocol, losses, dev checks, prediction, trace."""
+
+    config_class = BBTConfig
+    group = "gradient-free"
+    as_a_service = True
+    deployment_efficient = True
+    deep = False
+
+    def __init__(self, config, ctx):
+        super().__init__(config, ctx)
+        if config.loss not in LOSSES:
+            raise HarnessError(f"{self.name}: loss must be one of {', '.join(LOSSES)}, not '{config.loss}'")
+        if config.budget < config.popsize:
+            raise HarnessError(f"{self.name}: a budget of {config.budget} calls is below one generation ({config.popsize})")
+        self.loss_name = ctx.card.loss if config.loss == "auto" else config.loss
+        self.best_z: np.ndarray | None = None  # [slots, d]: the kept (best-dev) solution
+        self.calls = 0
+        self.slots = 1
+        self._trace = {"train": [], "dev": []}
+        self._best_dev = (-np.inf, np.inf)
+
+    # --- the objective -------------------------------------------------------------------------------------
+    def loss(self, logits: np.ndarray, labels: np.ndarray) -> float:
+        if self.loss_name == "ce":
+            return cross_entropy(logits, labels)
+        if self.loss_name == "hinge":
+            return hinge(logits, labels, self.config.margin)
+        return -score(self.ctx.card, labels, logits.argmax(axis=1))["score"]
+
+    def _sent(self, z: np.ndarray) -> np.ndarray:
+        """What travels for candidates z [P, slots, d]: z itself, or the prompt vectors A z."""
+        if self.config.send == "z":
+            return z
+        from harness.prompting import project
+
+        return project(self.spec, z, self.ctx.service.hidden_size, self._matrices).numpy()
+
+    def evaluate(self, z: np.ndarray) -> tuple[list[float], np.ndarray]:
+        """Score candidates [P, slots, d] on the train set: P API calls. Returns losses and logits."""
+        logits = self.ctx.service.prompted_label_logits(
+            self.train_texts, self.label_words, self._sent(z), sequential=not self.config.batched
+        )
+        self.calls += len(z)
+        return [self.loss(l, self.train_labels) for l in logits], logits
+
+    # --- setup shared by both ----------------------------------------------------------------------------
+    def _setup(self, train, dev) -> None:
+        service, prompt, cfg = self.ctx.service, self.ctx.prompt, self.config
+        self.label_words = prompt.label_words
+        self.train_texts = prompt.render_all(train)
+        self.train_labels = np.array([e["label"] for e in train])
+        self.dev_texts = prompt.render_all(dev)
+        self.dev_labels = np.array([e["label"] for e in dev])
+        slots = service.num_layers if self.deep else 1
+        with service.phase("setup"):  # not API calls of the budget, but metered
+            # the projection scale comes from statistics the service reports (one query), as the papers derive it
+            sigma_hat = service.hidden_stds(self.train_texts)[:slots]
+            stds = tuple(float(projection_std(s, cfg.intrinsic_dim, cfg.sigma, cfg.alpha)) for s in sigma_hat)
+            projection = ProjectionSpec(cfg.intrinsic_dim, seed=self.ctx.seed, stds=stds, dist=cfg.dist)
+            self.spec = PromptSpec(cfg.n_tokens, slots, cfg.mode, cfg.send, projection)
+            self._matrices: dict = {}
+            service.configure_prompt(self.spec)
+        self.slots = slots
+
+    def _strategy(self, slot: int) -> cma.CMAEvolutionStrategy:
+        cfg = self.config
+        options = {"popsize": cfg.popsize, "seed": 1000 * self.ctx.seed + slot + 1, "verbose": -9}
+        if cfg.bound:
+            options["bounds"] = [-cfg.bound, cfg.bound]
+        return cma.CMAEvolutionStrategy(np.zeros(cfg.intrinsic_dim), cfg.sigma, options)
+
+    def _record_train(self, best_loss: float, best_logits: np.ndarray) -> None:
+        acc = float(np.mean(best_logits.argmax(axis=1) == self.train_labels) * 100)
+        self._trace["train"].append({"calls": self.calls, "best_loss": best_loss, "best_accuracy": acc})
+
+    def _dev_check(self, z: np.ndarray) -> None:
+        """Score the incumbent on dev; keep it if it beats the best so far (metric, then lower dev loss)."""
+        with self.ctx.service.phase("dev"):
+            logits = self.ctx.service.prompted_label_logits(self.dev_texts, self.label_words, self._sent(z[None]))[0]
+        metric = score(self.ctx.card, self.dev_labels, logits.argmax(axis=1))["score"]
+        loss = self.loss(logits, self.dev_labels)
+        self._trace["dev"].append({"calls": self.calls, "metric": metric, "loss": loss})
+        if (metric, -loss) > (self._best_dev[0], -self._best_dev[1]):
+            self._best_dev = (metric, loss)
+            self.best_z = z.copy()
+
+    def _due(self, previous_calls: int) -> bool:
+        every = self.config.eval_every
+        return self.calls // every > previous_calls // every
+
+    def _final_check(self, z: np.ndarray) -> None:
+        """The whole budget is spent: make sure the last incumbent had its dev check too."""
+        if not self._trace["dev"] or self._trace["dev"][-1]["calls"] != self.calls:
+            self._dev_check(z)
+
+    # --- prediction ----------------------------------------------------------------------------------------
+    def predict(self, examples):
+        service, prompt = self.ctx.service, self.ctx.prompt
+        size = self.config.eval_batch_size
+        preds = []
+        for i in range(0, len(examples), size):
+            texts = prompt.render_all(examples[i : i + size])
+            logits = service.prompted_label_logits(texts, self.label_words, self._sent(self.best_z[None]))[0]
+            preds.append(logits.argmax(axis=1))
+        return np.concatenate(preds) if preds else np.zeros(0, dtype=int)
+
+    def tunable_parameters(self) -> int:
+        return self.config.intrinsic_dim * self.slots
+
+    def trace(self):
+        return {"loss": self.loss_name, "calls": self.calls, "best_dev": self._best_dev[0], **self._trace}
+
+
+@register
+class BBT(_BlackBoxPromptSearch):
+    name = "bbt"
+
+    def fit(self, train, dev):
+        self._setup(train, dev)
+        es = self._strategy(0)
+        best_loss, best_logits = np.inf, None
+        while self.calls + self.config.popsize <= self.config.budget:
+            before = self.calls
+            z = np.asarray(es.ask())
+            losses, logits = self.evaluate(z[:, None, :])
+            es.tell(list(z), losses)
+            i = int(np.argmin(losses))
+            if losses[i] < best_loss:
+                best_loss, best_logits = losses[i], logits[i]
+            self._record_train(best_loss, best_logits)
+            if self._due(before):
+                self._dev_check(np.asarray(es.result.xfavorite)[None, :])  # pycma's incumbent: the mean
+        self._final_check(np.asarray(es.result.xfavorite)[None, :])
+
+
+@register
+class BBTv2(_BlackBoxPromptSearch):
+    name = "bbtv2"
+    deep = True
+
+    def fit(self, train, dev):
+        self._setup(train, dev)
+        cfg = self.config
+        strategies = [self._strategy(slot) for slot in range(self.slots)]
+        rounds = cfg.budget // (cfg.popsize * self.slots)
+        if rounds == 0:
+            raise HarnessError(
+                f"bbtv2: a budget of {cfg.budget} calls cannot give one round over {self.slots} layers "
+                f"({cfg.popsize * self.slots} calls); raise it"
+            )
+        incumbent = np.zeros((self.slots, cfg.intrinsic_dim))  # other layers stay frozen at their best
+        best_loss, best_logits = np.inf, None
+        for _ in range(rounds):
+            for slot, es in enumerate(strategies):
+                before = self.calls
+                z = np.asarray(es.ask())
+                candidates = np.repeat(incumbent[None], len(z), axis=0)
+                candidates[:, slot] = z
+                losses, logits = self.evaluate(candidates)
+                es.tell(list(z), losses)
+                i = int(np.argmin(losses))
+                if losses[i] < best_loss:
+                    best_loss, best_logits = losses[i], logits[i]
+                    incumbent[slot] = z[i]
+                self._record_train(best_loss, best_logits)
+                if self._due(before):
+                    self._dev_check(incumbent)
+        self._final_check(incumbent)

@@ -1,0 +1,182 @@
+"""BBT and BBTv2: the optimiser, the projection, the prompt injection, budgets, batching and bytes."""
+
+import numpy as np
+import pytest
+import torch
+
+from harness.data import load_task_data, make_split
+from harness.errors import HarnessError
+from harness.prompting import ProjectionSpec, PromptSpec, clipped_std, projection_matrix, projection_std
+from harness.prompts import PromptFormat
+from harness.scoring import PromptBatch, label_token_ids, make_scorer, mask_string
+from harness.service import ModelService
+from harness.tasks import get_card
+from methods import get_method
+from methods.base import RunContext
+from methods.bbt import cross_entropy, hinge
+from tests.conftest import tiny_backbone
+
+FAMILY_KINDS = ["gpt2", "gemma3", "roberta", "bert", "t5", "bart"]
+
+
+class SyntheticService:
+    """A black box with the service's interface whose label logits are a hidden linear function of z:
+    the label-1 logit of example i is w_i . z. Labels come from a hidden z*, so a perfect fit exists."""
+
+    def __init__(self, n=32, dim=20, seed=0):
+        rng = np.random.RandomState(seed)
+        self.w = rng.randn(n, dim)
+        self.labels = (self.w @ rng.randn(dim) > 0).astype(int)
+        self.calls = 0
+
+    def prompted_label_logits(self, texts, label_words, sent, sequential=False):
+        self.calls += len(sent)
+        z = sent[:, 0, :]
+        ones = (z @ self.w.T)[:, : len(texts)]
+        return np.stack([np.zeros_like(ones), ones], axis=-1).astype(np.float32)
+
+
+def test_cma_es_minimises_a_synthetic_black_box():
+    from harness.tasks import TaskCard, Template
+
+    service = SyntheticService()
+    card = TaskCard("toy", ("x",), ("a", "b"), "accuracy", {"clm": Template("{x}", (" a", " b"))})
+    config = get_method("bbt").config_class(intrinsic_dim=20, budget=600, popsize=20, sigma=1.0)
+    method = get_method("bbt")(config, RunContext(card, PromptFormat(card, "clm", ""), seed=1, service=service))
+    method.spec = PromptSpec(1, 1, "cat", "z", ProjectionSpec(20, 1, (1.0,)))
+    method.label_words, method.train_texts, method.train_labels = [" a", " b"], ["t"] * 32, service.labels
+    es = method._strategy(0)
+    first = None
+    while method.calls < config.budget:
+        z = np.asarray(es.ask())
+        losses, _ = method.evaluate(z[:, None, :])
+        es.tell(list(z), losses)
+        first = first if first is not None else min(losses)
+    assert service.calls == 600
+    final = cross_entropy(service.prompted_label_logits(["t"] * 32, None, np.asarray(es.result.xfavorite)[None, None])[0], service.labels)
+    assert final < 0.25 * first  # the black box's loss falls by more than 4x from the first generation's best
+
+
+def test_losses():
+    logits = np.array([[2.0, 0.0], [0.0, 3.0]])
+    labels = np.array([0, 1])
+    expected = -np.mean([np.log(np.exp(2) / (np.exp(2) + 1)), np.log(np.exp(3) / (np.exp(3) + 1))])
+    assert cross_entropy(logits, labels) == pytest.approx(expected)
+    assert hinge(logits, labels, margin=2.0) == 0.0  # both margins are met
+    torch_hinge = torch.nn.MultiMarginLoss(margin=2.0)(torch.tensor([[0.5, 0.0], [0.0, 1.0]]), torch.tensor(labels))
+    assert hinge(np.array([[0.5, 0.0], [0.0, 1.0]]), labels, 2.0) == pytest.approx(float(torch_hinge))
+
+
+def test_projection_std_formula_and_draws():
+    assert projection_std(sigma_hat=0.5, dim=500, sigma=1.0, alpha=1.0) == pytest.approx(0.5 / np.sqrt(500))
+    assert projection_std(0.5, 500, sigma=0.2, alpha=0.4) == pytest.approx(0.4 * 0.5 / (np.sqrt(500) * 0.2))
+    std = projection_std(0.8, 500, 1.0)
+    for dist in ("normal", "uniform"):
+        spec = ProjectionSpec(500, seed=3, stds=(std,), dist=dist)
+        a = projection_matrix(spec, 0, 4000)
+        assert float(a.std()) == pytest.approx(std, rel=0.02)
+        assert torch.equal(a, projection_matrix(spec, 0, 4000))  # either side rebuilds the same matrix
+        prompt = torch.randn(64, 500) @ a  # z ~ N(0, sigma^2 = 1): prompt entries at the embedding scale
+        assert float(prompt.std()) == pytest.approx(0.8, rel=0.05)
+
+
+def test_clipped_std_ignores_outliers():
+    values = torch.randn(20000)
+    assert clipped_std(values) == pytest.approx(1.0, rel=0.03)
+    values[:20] = 1e4
+    assert float(values.std()) > 20 and clipped_std(values) == pytest.approx(1.0, rel=0.05)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gemma3", "roberta", "bert"])  # encoder-decoders: the decoder never sees it
+def test_add_mode_with_zero_prompt_equals_the_placeholder_tokens_as_text(kind):
+    backbone = tiny_backbone(kind)
+    scorer = make_scorer(backbone)
+    mask = mask_string(backbone.tokenizer, backbone.family)
+    texts = [f"the movie was good . it was {mask} .", f"bad . {mask}"]
+    ids = label_token_ids(backbone.tokenizer, [" good", " bad"])
+    placeholder_ids = torch.arange(10, 14)
+    table = backbone.model.get_input_embeddings()
+    batch = PromptBatch(torch.zeros(1, 1, 4, table.weight.shape[1]), table(placeholder_ids))
+    prompted = scorer.label_logits(texts, ids, batch)
+    # the same placeholders written into the token ids, right after <s>/<bos> (or at the start)
+    enc = scorer.encode(texts)
+    at = scorer.insert_at
+    n = len(texts)
+    enc.input_ids = torch.cat([enc.input_ids[:, :at], placeholder_ids.expand(n, 4), enc.input_ids[:, at:]], 1)
+    enc.attention_mask = torch.cat([enc.attention_mask[:, :at], torch.ones(n, 4, dtype=torch.long), enc.attention_mask[:, at:]], 1)
+    enc.read_at = scorer._shift(enc.read_at, 4)
+    with torch.no_grad():
+        literal = scorer.forward_label_logits(enc, ids)
+    torch.testing.assert_close(prompted, literal, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_deep_prompts_enter_every_layer_and_batching_agrees(kind):
+    backbone = tiny_backbone(kind)
+    service = ModelService(backbone, max_tokens=200)  # forces several forwards for the batched generation
+    layers = service.num_layers
+    assert layers == 2
+    spec = PromptSpec(3, layers, "add", "z", ProjectionSpec(8, 0, tuple([0.5] * layers)))
+    service.configure_prompt(spec)
+    texts = [f"the movie was good . {service.mask}", f"bad film {service.mask} ."]
+    z = np.random.RandomState(0).randn(5, layers, 8).astype(np.float32)
+    batched = service.prompted_label_logits(texts, [" good", " bad"], z)
+    sequential = service.prompted_label_logits(texts, [" good", " bad"], z, sequential=True)
+    assert batched.shape == (5, 2, 2)
+    np.testing.assert_allclose(batched, sequential, rtol=1e-4, atol=1e-5)
+    # the deep slot matters: changing only layer 1's z changes the logits
+    moved = z.copy()
+    moved[:, 1] += 3.0
+    assert not np.allclose(service.prompted_label_logits(texts, [" good", " bad"], moved), batched, atol=1e-4)
+
+
+@pytest.mark.parametrize("task, n, labels", [("sst2", 32, 2), ("agnews", 64, 4)])
+@pytest.mark.parametrize("send", ["z", "prompt"])
+def test_bbt_bytes_per_query(task, n, labels, send, shared_data):
+    card = get_card(task)
+    split = make_split(card, load_task_data(card, str(shared_data)), 16, 42, 8)
+    backbone = tiny_backbone("gpt2")
+    service = ModelService(backbone)
+    config = get_method("bbt").config_class(budget=20, popsize=10, intrinsic_dim=50, n_tokens=5, send=send, eval_every=10)
+    method = get_method("bbt")(config, RunContext(card, PromptFormat(card, "clm", ""), 42, service=service))
+    with service.phase("train"):
+        method.fit(split.train, split.dev)
+    train = service.meter.summary()["train"]
+    assert train["queries"] == 20 == method.calls
+    assert train["download_per_query_bytes"] == n * labels * 4  # sst2: 256 B, agnews: 1 KB
+    texts = PromptFormat(card, "clm", "").render_all(split.train)
+    sent = 50 * 4 if send == "z" else 5 * service.hidden_size * 4  # z: d x 4 B; prompt: n_tokens x hidden x 4 B
+    words = sum(len(w.encode()) for w in card.template_for("clm").label_words)
+    assert train["upload_per_query_bytes"] == sum(len(t.encode()) for t in texts) + words + sent
+
+
+def test_bbtv2_spends_rounds_times_popsize_times_layers(shared_data):
+    card = get_card("sst2")
+    split = make_split(card, load_task_data(card, str(shared_data)), 16, 42, 8)
+    service = ModelService(tiny_backbone("gemma3"))
+    config = get_method("bbtv2").config_class(budget=130, popsize=10, intrinsic_dim=20, n_tokens=4, eval_every=50)
+    method = get_method("bbtv2")(config, RunContext(card, PromptFormat(card, "clm", ""), 42, service=service))
+    with service.phase("train"):
+        method.fit(split.train, split.dev)
+    rounds = 130 // (10 * 2)
+    assert method.calls == rounds * 10 * 2 == service.meter.summary()["train"]["queries"] == 120
+    assert method.tunable_parameters() == 2 * 20
+    trace = method.trace()
+    assert [d["calls"] for d in trace["dev"]] == [50, 100, 120]  # every 50 calls, and at the end
+    assert len(trace["train"]) == rounds * 2
+    losses = [t["best_loss"] for t in trace["train"]]
+    assert losses == sorted(losses, reverse=True)  # the best-so-far never gets worse
+
+
+def test_budget_below_one_generation_or_round_is_an_error(shared_data):
+    card = get_card("sst2")
+    service = ModelService(tiny_backbone("gpt2"))
+    ctx = RunContext(card, PromptFormat(card, "clm", ""), 42, service=service)
+    with pytest.raises(HarnessError, match="below one generation"):
+        get_method("bbt")(get_method("bbt").config_class(budget=10, popsize=20), ctx)
+    split = make_split(card, load_task_data(card, str(shared_data)), 16, 42, 8)
+    method = get_method("bbtv2")(get_method("bbtv2").config_class(budget=30, popsize=20, intrinsic_dim=10), ctx)
+    with pytest.raises(HarnessError, match="cannot give one round over 2 layers"):
+        method.fit(split.train, split.dev)
+    with pytest.raises(HarnessError, match="loss must be one of"):
+        get_method("bbt")(get_method("bbt").config_class(loss="mse"), ctx)
