@@ -222,9 +222,36 @@ class Scorer:
 
 class CausalScorer(Scorer):
     family = "clm"
+    share_prefix = True  # compute the prompt's keys and values once per candidate (see forward_label_logits)
 
     def _read_positions(self, input_ids, attention_mask):
         return attention_mask.sum(dim=1) - 1  # right padding: the last real token
+
+    def forward_label_logits(self, enc, label_ids, prompt=None):
+        """With a prompt, a causal LM's prompt positions cannot attend to the examples after them, so their keys
+        and values depend on the candidate only: compute them once per candidate ([<bos>] + prompt, with the
+        deep slots applied), repeat that cache for the N examples, and run only the example tokens on top."""
+        if prompt is None or not self.share_prefix:
+            return super().forward_label_logits(enc, label_ids, prompt)
+        from transformers import DynamicCache
+
+        n, at, width = enc.input_ids.shape[0], self.insert_at, prompt.n_tokens
+        body = self.model.base_model
+        embed = self.model.get_input_embeddings()
+        first = prompt.vectors[:, 0]
+        if prompt.placeholders is not None:
+            first = first + prompt.placeholders
+        head = embed(enc.input_ids[:1, :at]).expand(prompt.size, at, -1)  # the shared <bos>, if any
+        prefix = torch.cat([head, first.to(head.dtype)], dim=1)
+        cache = DynamicCache(config=self.model.config)
+        with self.deep_prompts(prompt, 1):
+            body(inputs_embeds=prefix, cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(n)
+        tiled = enc.tile(prompt.size)
+        ones = torch.ones(tiled.input_ids.shape[0], at + width, dtype=tiled.attention_mask.dtype, device=self.device)
+        mask = torch.cat([ones, tiled.attention_mask[:, at:]], dim=1)
+        hidden = body(input_ids=tiled.input_ids[:, at:], attention_mask=mask, cache=cache, use_cache=True).last_hidden_state
+        return _restricted_head(self.model, self._rows(hidden, tiled.read_at - at), label_ids)
 
     def _label_logits(self, inputs, attention_mask, read_at, tiled, label_ids):
         hidden = self.model.base_model(**inputs, attention_mask=attention_mask).last_hidden_state

@@ -110,12 +110,13 @@ class ModelService:
     def label_logits(self, texts: list[str], label_words: list[str]) -> np.ndarray:
         """One query: [len(texts), len(label_words)] float32 logits of each label word's first token."""
         ids = self._ids(label_words)
+        # length bucketing: forwards over texts of similar length waste little compute on padding
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        logits = np.zeros((len(texts), len(ids)), dtype=np.float32)
         with torch.inference_mode():
-            chunks = [
-                self._scorer.label_logits(texts[i : i + self.max_batch], ids).float().cpu()
-                for i in range(0, len(texts), self.max_batch)
-            ]
-        logits = torch.cat(chunks).numpy()
+            for start in range(0, len(texts), self.max_batch):
+                chunk = order[start : start + self.max_batch]
+                logits[chunk] = self._scorer.label_logits([texts[i] for i in chunk], ids).float().cpu().numpy()
         self.meter.record(text_bytes(texts) + text_bytes(label_words), array_bytes(logits))
         return logits
 

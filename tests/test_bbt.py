@@ -8,7 +8,7 @@ from harness.data import load_task_data, make_split
 from harness.errors import HarnessError
 from harness.prompting import ProjectionSpec, PromptSpec, clipped_std, projection_matrix, projection_std
 from harness.prompts import PromptFormat
-from harness.scoring import PromptBatch, label_token_ids, make_scorer, mask_string
+from harness.scoring import PromptBatch, label_token_ids, make_scorer, mask_string, transformer_layers
 from harness.service import ModelService
 from harness.tasks import get_card
 from methods import get_method
@@ -180,3 +180,22 @@ def test_budget_below_one_generation_or_round_is_an_error(shared_data):
         method.fit(split.train, split.dev)
     with pytest.raises(HarnessError, match="loss must be one of"):
         get_method("bbt")(get_method("bbt").config_class(loss="mse"), ctx)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gemma3"])
+@pytest.mark.parametrize("mode", ["add", "cat"])
+def test_causal_shared_prefix_path_equals_the_full_forward(kind, mode):
+    backbone = tiny_backbone(kind)
+    scorer = make_scorer(backbone)
+    hidden = backbone.model.get_input_embeddings().weight.shape[1]
+    layers = len(transformer_layers(backbone.model))
+    vectors = torch.randn(3, layers, 4, hidden, generator=torch.Generator().manual_seed(1))
+    table = backbone.model.get_input_embeddings()
+    batch = PromptBatch(vectors, table(torch.arange(10, 14)) if mode == "add" else None)
+    texts = ["the movie was good . it was", "bad film", "this is a review of the movie and it is about a film ."]
+    ids = label_token_ids(backbone.tokenizer, [" good", " bad"])
+    fast = scorer.label_logits(texts, ids, batch)
+    scorer.share_prefix = False
+    full = scorer.label_logits(texts, ids, batch)
+    assert fast.shape == (9, 2)
+    torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5)

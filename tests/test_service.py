@@ -36,3 +36,11 @@ def test_phases_are_counted_apart_and_chunking_is_invisible():
     assert summary["eval"]["queries"] == 1 and "train" not in summary  # 3 forwards, one query
     assert summary["eval"]["download_bytes"] == 5 * 2 * 4
     assert summary["eval"]["upload_bytes"] == text_bytes(texts) + text_bytes([" good", " bad"])
+
+
+def test_length_bucketing_keeps_each_row_with_its_text():
+    service = ModelService(tiny_backbone("gpt2"), max_batch=2)
+    texts = ["the movie was great and it was good and the film was", "bad", "a film about the movie", "it was"]
+    together = service.label_logits(texts, [" good", " bad"])
+    alone = np.concatenate([service.label_logits([t], [" good", " bad"]) for t in texts])
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
