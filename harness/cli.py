@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 
 from harness.backbones import DEFAULT_BACKBONE, REGISTRY, get_spec
+from harness.check import DEFAULT_CONFIG, run_checks
 from harness.errors import HarnessError, unknown_name
 from harness.profiles import PROFILES, default_profile, get_profile
 from harness.report import write_report
@@ -65,6 +66,19 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    results = run_checks(args.config, args.data_dir, args.tasks_dir)
+    for r in results:
+        verdict = "ok" if r["ok"] else "REGRESSION"
+        print(f"{verdict:10s} {r['method']}/{r['task']}: {r['score']:.2f} (threshold {r['min_score']:.2f})")
+    failed = [r for r in results if not r["ok"]]
+    if failed:
+        names = ", ".join(f"{r['method']}/{r['task']} {r['score']:.2f} < {r['min_score']:.2f}" for r in failed)
+        print(f"harness: error: accuracy regression: {names}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_list(args) -> int:
     print("methods:")
     for name, cls in registry().items():
@@ -106,6 +120,12 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--print", action="store_true", help="also print the report")
     common(report)
     report.set_defaults(func=cmd_report)
+
+    check = sub.add_parser("check", help="the accuracy regression gate: small fixed runs against committed thresholds")
+    check.add_argument("--config", default=str(DEFAULT_CONFIG), help="the checks and thresholds (default: regression.yaml)")
+    check.add_argument("--data-dir", help="local task data (else HARNESS_DATA_DIR, else the hub)")
+    check.add_argument("--tasks-dir", action="append")
+    check.set_defaults(func=cmd_check)
 
     listing = sub.add_parser("list", help="list methods, tasks, backbones and profiles")
     listing.add_argument("--tasks-dir", action="append")

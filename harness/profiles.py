@@ -33,9 +33,11 @@ PROFILES = {
         Profile(
             name="quick",
             description="fits a 2-core CPU: 16 shots, 1 split (seed 42), eval capped at 400 rows per task "
-            "(stratified, fixed sample shared by all methods)",
+            "(stratified, fixed sample shared by all methods); BBT 200 API calls, BBTv2 one round per layer",
             seeds=(42,),
             eval_cap=400,
+            # a BBT generation on Gemma-3-270M costs tens of seconds on 2 CPU cores (dbpedia: minutes)
+            method_overrides={"bbt": {"budget": 200}, "bbtv2": {"rounds": 1}},
         ),
     ]
 }

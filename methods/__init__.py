@@ -21,10 +21,11 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def registry() -> dict[str, type[Method]]:
-    if not _REGISTRY:
-        for module in MODULES:
-            importlib.import_module(module)
-    return _REGISTRY
+    for module in MODULES:  # cached after the first import; importing one method module must not hide the rest
+        importlib.import_module(module)
+    # in MODULES order (the papers' row order), whichever module happened to be imported first
+    rank = {module: i for i, module in enumerate(MODULES)}
+    return dict(sorted(_REGISTRY.items(), key=lambda item: rank.get(item[1].__module__, len(rank))))
 
 
 def get_method(name: str) -> type[Method]:

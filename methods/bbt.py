@@ -53,6 +53,7 @@ class BBTConfig(MethodConfig):
     dist: str = "normal"  # projection init: normal | uniform
     send: str = "z"  # what travels per query: z (the server applies A) | prompt (the vectors)
     eval_every: int = 100  # dev check period, in API calls
+    rounds: int = 0  # BBTv2 only: if set, spend rounds x popsize x layers calls instead of `budget`
     batched: bool = True  # one forward per generation (population batching) vs one per candidate
     eval_batch_size: int = 32
 
@@ -202,7 +203,7 @@ class BBTv2(_BlackBoxPromptSearch):
         self._setup(train, dev)
         cfg = self.config
         strategies = [self._strategy(slot) for slot in range(self.slots)]
-        rounds = cfg.budget // (cfg.popsize * self.slots)
+        rounds = cfg.rounds or cfg.budget // (cfg.popsize * self.slots)
         if rounds == 0:
             raise HarnessError(
                 f"bbtv2: a budget of {cfg.budget} calls cannot give one round over {self.slots} layers "
