@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from harness.backbones import Backbone
+from harness.features import FeatureExtractor
 from harness.scoring import label_token_ids, make_scorer, mask_string
 
 
@@ -100,3 +101,16 @@ class ModelService:
         logits = torch.cat(chunks).numpy()
         self.meter.record(text_bytes(texts) + text_bytes(label_words), array_bytes(logits))
         return logits
+
+    def features(self, texts: list[str], kind: str = "pooled"):
+        """One query: the backbone's final hidden states (pooling per family: see harness/features.py).
+
+        kind "pooled": float32 [len(texts), hidden]; kind "tokens": TokenFeatures(values float32
+        [len(texts), max_len, hidden] zero-padded, lengths int32 [len(texts)]). Upload = the texts' UTF-8 bytes
+        (the kind names the endpoint, like a URL, and is not counted); download = every array returned.
+        """
+        backbone = self._backbone
+        extractor = FeatureExtractor(backbone.model, backbone.tokenizer, self.family, self._scorer.max_length)
+        result = extractor.extract(texts, kind, self.max_batch)
+        self.meter.record(text_bytes(texts), int(result.nbytes))
+        return result
