@@ -23,9 +23,10 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def registry() -> dict[str, type[Method]]:
-    if not _REGISTRY:
-        for module in MODULES:
-            importlib.import_module(module)
+    # import every module each time (cached after the first): a module imported directly beforehand (a test's
+    # `from methods.icl import ...`) must not make the registry look complete
+    for module in MODULES:
+        importlib.import_module(module)
     return _REGISTRY
 
 
