@@ -8,7 +8,7 @@ the backbone.
 
 | setting | default | source |
 |---|---|---|
-| input | raw (text fields, no prompt) | the papers' feature baselines encode the input text; "template" sends the prompt |
+| input | raw (text fields, no prompt) | our reading of the papers' feature baselines (the input text, no prompt); "template" sends the prompt |
 | model | BiLSTM(hidden → 1024 per direction, 1 layer) → max pool → Dropout → Linear(2048, labels) | one layer of 1024 per direction gives the papers' "17M" tunable parameters on RoBERTa-large (2 × 4 × 1024 × 2048 + …) |
 | hidden_size | 1024 per direction (the `quick` profile uses 256: 1024 costs ~5 s per step of 32 × 50 tokens on 2 CPU cores) | as above |
 | layers | 1 | as above |

@@ -8,7 +8,7 @@ sends one query per `query_batch` examples.
 
 | setting | default | source |
 |---|---|---|
-| input | raw (text fields, no prompt) | the papers' feature baselines encode the input text; "template" sends the prompt |
+| input | raw (text fields, no prompt) | our reading of the papers' feature baselines (the input text, no prompt); "template" sends the prompt |
 | model | Linear(hidden, 1024) → ReLU → Dropout → Linear(1024, labels) | a two-layer MLP; width 1024 gives the papers' "1M" tunable parameters on RoBERTa-large (1024 × 1024 + …) |
 | hidden_size | 1024 | as above |
 | dropout | 0.1 | our choice (the papers do not state one) |

@@ -20,11 +20,11 @@ stands where the mask stood). Demonstrations are joined by `separator`, and the 
 the manual prompt renders it, follows the last separator.
 
 How they fit the context: the client has no tokenizer, so the budget is in characters, `max_demo_chars`, for
-the whole demonstration block (separators included). English BPE averages about 4 characters a token, so the
-default 1,500 characters (~375 tokens) leaves ~135 tokens for the test input inside a 512-token window like
-the papers' RoBERTa-large (the backbone of their ICL row). So that at least one
-full round always fits, each demonstration's text fields are cut (at a word boundary) to make a demonstration
-at most max_demo_chars // num_labels characters; the template, label word and separator are never cut. The
+the whole demonstration block (separators included). English BPE text runs at roughly 4 characters a token, so
+the default 1,500 characters (~375 tokens) leaves ~135 tokens for the test input inside a 512-token window like
+that of the papers' RoBERTa-large (the backbone of their ICL row). So that at least one full round always
+fits, each demonstration's text fields are cut (at a word boundary) to make a demonstration at most
+max_demo_chars // num_labels characters; the template, label word and separator are never cut. The
 test input is never cut (beyond the card's max_chars, as for every method); if demonstrations plus a long
 test input exceed the backbone's limit, the service raises a HarnessError: lower max_demo_chars.
 """
