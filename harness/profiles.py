@@ -33,11 +33,13 @@ PROFILES = {
         Profile(
             name="quick",
             description="fits a 2-core CPU: 16 shots, 1 split (seed 42), eval capped at 400 rows per task "
-            "(stratified, fixed sample shared by all methods); BBT 200 API calls, BBTv2 one round per layer",
+            "(stratified, fixed sample shared by all methods); BBT 200 API calls, BBTv2 one round per layer; "
+            "Feature-BiLSTM 256 wide per direction, not 1024",
             seeds=(42,),
             eval_cap=400,
-            # a BBT generation on Gemma-3-270M costs tens of seconds on 2 CPU cores (dbpedia: minutes)
-            method_overrides={"bbt": {"budget": 200}, "bbtv2": {"rounds": 1}},
+            # a BBT generation on Gemma-3-270M costs tens of seconds on 2 CPU cores (dbpedia: minutes); the
+            # paper-sized BiLSTM (1024 per direction) takes seconds per step of 32 x 50 tokens
+            method_overrides={"bbt": {"budget": 200}, "bbtv2": {"rounds": 1}, "feature-bilstm": {"hidden_size": 256}},
         ),
     ]
 }

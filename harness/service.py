@@ -17,6 +17,7 @@ import torch
 
 from harness.backbones import Backbone
 from harness.errors import HarnessError
+from harness.features import FeatureExtractor
 from harness.prompting import PromptSpec, project
 from harness.scoring import PromptBatch, label_token_ids, make_scorer, mask_string, transformer_layers
 
@@ -172,3 +173,16 @@ class ModelService:
         for candidate in logits:
             self.meter.record(per_query_upload, array_bytes(candidate))
         return logits
+
+    def features(self, texts: list[str], kind: str = "pooled"):
+        """One query: the backbone's final hidden states (pooling per family: see harness/features.py).
+
+        kind "pooled": float32 [len(texts), hidden]; kind "tokens": TokenFeatures(values float32
+        [len(texts), max_len, hidden] zero-padded, lengths int32 [len(texts)]). Upload = the texts' UTF-8 bytes
+        (the kind names the endpoint, like a URL, and is not counted); download = every array returned.
+        """
+        backbone = self._backbone
+        extractor = FeatureExtractor(backbone.model, backbone.tokenizer, self.family, self._scorer.max_length)
+        result = extractor.extract(texts, kind, self.max_batch)
+        self.meter.record(text_bytes(texts), int(result.nbytes))
+        return result

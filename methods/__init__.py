@@ -9,6 +9,9 @@ from methods.base import Method
 
 MODULES = [
     "methods.manual",
+    "methods.icl",
+    "methods.feature_mlp",
+    "methods.feature_bilstm",
     "methods.bbt",
 ]
 
