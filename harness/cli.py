@@ -79,6 +79,13 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from harness.bench import bench_command
+
+    print(bench_command(args))
+    return 0
+
+
 def cmd_list(args) -> int:
     print("methods:")
     for name, cls in registry().items():
@@ -127,6 +134,18 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--tasks-dir", action="append")
     check.set_defaults(func=cmd_check)
 
+    bench = sub.add_parser("bench", help="BBT's per-call cost: the reference code's loop against the default path")
+    bench.add_argument("--backbone", default=DEFAULT_BACKBONE, help="a registered backbone, or an architecture with --random")
+    bench.add_argument("--random", action="store_true", help="random weights of the named architecture (timing only)")
+    bench.add_argument("--task", default="sst2")
+    bench.add_argument("--calls", type=int, default=100, help="API calls on the default path (a multiple of 20)")
+    bench.add_argument("--reference-calls", type=int, default=10, help="API calls on the reference-style loop")
+    bench.add_argument("--seed", type=int, default=42)
+    bench.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    bench.add_argument("--data-dir")
+    bench.add_argument("--out", default="reports/performance.md")
+    bench.set_defaults(func=cmd_bench)
+
     listing = sub.add_parser("list", help="list methods, tasks, backbones and profiles")
     listing.add_argument("--tasks-dir", action="append")
     listing.set_defaults(func=cmd_list)
@@ -136,6 +155,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except HarnessError as exc:

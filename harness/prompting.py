@@ -49,6 +49,12 @@ class PromptSpec:
         return len(json.dumps(asdict(self)).encode())
 
 
+def placeholder_ids(spec: PromptSpec, vocab_size: int) -> list[int]:
+    """Slot 0's placeholder tokens in "add" mode: ids start .. start + n - 1, moved down into small vocabularies."""
+    start = max(0, min(spec.placeholder_start, vocab_size - spec.n_tokens))
+    return list(range(start, start + spec.n_tokens))
+
+
 def projection_std(sigma_hat: float, dim: int, sigma: float, alpha: float = 1.0) -> float:
     """BBT's std for A ~ N(0, std^2): alpha * sigma_hat / (sqrt(d) * sigma), so that A z, with z ~ N(0, sigma^2),
     has entries of std alpha * sigma_hat, the scale of the vectors it is added to."""

@@ -18,7 +18,7 @@ import torch
 from harness.backbones import Backbone
 from harness.errors import HarnessError
 from harness.features import FeatureExtractor
-from harness.prompting import PromptSpec, project
+from harness.prompting import PromptSpec, placeholder_ids, project
 from harness.scoring import PromptBatch, label_token_ids, make_scorer, mask_string, transformer_layers
 
 
@@ -156,8 +156,8 @@ class ModelService:
         placeholders = None
         if spec.mode == "add":
             table = model.get_input_embeddings()
-            start = max(0, min(spec.placeholder_start, table.weight.shape[0] - spec.n_tokens))  # small vocabularies
-            placeholders = table(torch.arange(start, start + spec.n_tokens, device=self._scorer.device))
+            tokens = placeholder_ids(spec, table.weight.shape[0])
+            placeholders = table(torch.tensor(tokens, device=self._scorer.device))
         enc = self._scorer.encode(texts)
         n = len(texts)
         rows = n * (enc.input_ids.shape[1] + spec.n_tokens)

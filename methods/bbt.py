@@ -9,6 +9,7 @@ Choices the papers leave open are listed in docs/bbt.md.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import cma
@@ -21,6 +22,7 @@ from methods import register
 from methods.base import Method, MethodConfig
 
 LOSSES = ("auto", "ce", "hinge", "neg-metric")
+log = logging.getLogger("harness")
 
 
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -141,6 +143,8 @@ class _BlackBoxPromptSearch(Method):
         metric = score(self.ctx.card, self.dev_labels, logits.argmax(axis=1))["score"]
         loss = self.loss(logits, self.dev_labels)
         self._trace["dev"].append({"calls": self.calls, "metric": metric, "loss": loss})
+        best_train = self._trace["train"][-1]["best_loss"] if self._trace["train"] else float("nan")
+        log.info("    %s %d calls: best train loss %.4f, dev %s %.2f", self.name, self.calls, best_train, self.ctx.card.metric, metric)
         if (metric, -loss) > (self._best_dev[0], -self._best_dev[1]):
             self._best_dev = (metric, loss)
             self.best_z = z.copy()

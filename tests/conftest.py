@@ -10,40 +10,9 @@ import pytest
 import torch
 
 from harness.backbones import Backbone
+from harness.synthetic import synthetic_tokenizer
 
 SHARED_DATA = Path(os.environ.get("HARNESS_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-def _words() -> list[str]:
-    from harness.tasks import load_cards
-
-    words = "the a movie film was is it great bad good terrible about this that and of to in".split()
-    for card in load_cards().values():  # every label word of every card, so real templates tokenise
-        for template in card.templates.values():
-            words += [w.strip() for w in template.label_words]
-    return list(dict.fromkeys(words))
-
-
-WORDS = _words()
-
-
-def tiny_tokenizer(mask: bool = True, bos: bool = True):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<mask>", "<extra_id_0>"]
-    vocab = {token: i for i, token in enumerate(specials + [".", "?", ",", ":", "[", "]"] + WORDS)}
-    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    model.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    if bos:
-        model.post_processor = processors.TemplateProcessing(
-            single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
-        )
-    else:  # T5 style: no BOS, EOS at the end
-        model.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
-    extra = {"mask_token": "<mask>"} if mask else {"additional_special_tokens": ["<extra_id_0>"]}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=model, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>", **extra
-    )
 
 
 def tiny_model(kind: str):
@@ -51,35 +20,35 @@ def tiny_model(kind: str):
     import transformers as tf
 
     torch.manual_seed(0)
-    vocab = len(tiny_tokenizer())
+    vocab = len(synthetic_tokenizer())
     common = dict(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if kind == "roberta":
         config = tf.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                   max_position_embeddings=256, **common)
-        return "mlm", tf.RobertaForMaskedLM(config), tiny_tokenizer()
+        return "mlm", tf.RobertaForMaskedLM(config), synthetic_tokenizer()
     if kind == "bert":
         config = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                max_position_embeddings=256, **common)
-        return "mlm", tf.BertForMaskedLM(config), tiny_tokenizer()
+        return "mlm", tf.BertForMaskedLM(config), synthetic_tokenizer()
     if kind == "gpt2":
         config = tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=256, **common)
-        return "clm", tf.GPT2LMHeadModel(config), tiny_tokenizer()
+        return "clm", tf.GPT2LMHeadModel(config), synthetic_tokenizer()
     if kind == "gemma3":
         config = tf.Gemma3TextConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                      head_dim=16, intermediate_size=64, max_position_embeddings=256,
                                      final_logit_softcapping=30.0, **common)
-        return "clm", tf.Gemma3ForCausalLM(config), tiny_tokenizer()
+        return "clm", tf.Gemma3ForCausalLM(config), synthetic_tokenizer()
     if kind == "t5":
         config = tf.T5Config(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0,
                              vocab_size=vocab, pad_token_id=0, eos_token_id=2)
-        return "seq2seq", tf.T5ForConditionalGeneration(config), tiny_tokenizer(mask=False, bos=False)
+        return "seq2seq", tf.T5ForConditionalGeneration(config), synthetic_tokenizer(mask=False, bos=False)
     if kind == "bart":
         config = tf.BartConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
                                decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
                                max_position_embeddings=256, decoder_start_token_id=2, forced_eos_token_id=2, **common)
         model = tf.BartForConditionalGeneration(config)
         torch.nn.init.normal_(model.final_logits_bias, std=0.5)  # non-zero, so the test sees it applied
-        return "seq2seq", model, tiny_tokenizer()
+        return "seq2seq", model, synthetic_tokenizer()
     raise ValueError(kind)
 
 

@@ -23,7 +23,10 @@ from harness.tasks import get_card, load_cards
 from methods import get_method
 from methods.base import RunContext
 from methods.icl import ICLConfig, build_demonstrations, cut_text, render_demonstration
-from tests.conftest import WORDS, tiny_backbone
+from harness.synthetic import SPECIALS, vocabulary
+from tests.conftest import tiny_backbone
+
+WORDS = [w for w in vocabulary() if w not in SPECIALS]
 
 FAMILIES = ["roberta", "bert", "gpt2", "gemma3", "t5", "bart"]
 

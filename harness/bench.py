@@ -1,0 +1,248 @@
+"""`harness bench`: BBT's per-call cost, the reference code's way against this project's default path.
+
+Both loops run in one process on the same backbone, task, candidates and budget:
+- reference-style: the model's ordinary forward in float32, full-vocabulary logits, one candidate per forward,
+  the whole sequence (prompt + example) for every example — as the BBT reference code scores a call;
+- default: the service's prompted query — label-word rows of the head only, a whole generation per forward
+  (chunked to memory), a causal LM's prompt keys/values computed once per candidate, bf16 on a GPU.
+It prints calls per second for both, their ratio, and the compute floor: the FLOPs the work needs
+(2 x non-embedding parameters x tokens that must pass through the body) over the matrix-multiply rate measured
+on this device, and the fraction of that floor each path reaches. Random weights of a named architecture time
+exactly like trained ones, so the benchmark runs where trained weights cannot travel.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.backbones import Backbone, load_backbone
+from harness.errors import HarnessError, unknown_name
+from harness.meters import device_description
+from harness.prompting import ProjectionSpec, PromptSpec, placeholder_ids, project
+from harness.prompts import PromptFormat
+from harness.scoring import PromptBatch, label_token_ids
+from harness.service import ModelService
+
+
+def _architectures() -> dict:
+    """Configs of the papers' and embedded backbones, for random-weight timing (no download)."""
+    import transformers as tf
+
+    return {
+        "roberta-large": ("mlm", lambda: tf.RobertaConfig(
+            vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+            max_position_embeddings=514, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2)),
+        "bert-large-uncased": ("mlm", lambda: tf.BertConfig(
+            vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)),
+        "gpt2": ("clm", lambda: tf.GPT2Config()),
+        "gemma3-270m": ("clm", lambda: tf.Gemma3TextConfig(
+            vocab_size=262144, hidden_size=640, num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
+            head_dim=256, intermediate_size=2048, max_position_embeddings=32768, query_pre_attn_scalar=256,
+            sliding_window=512, pad_token_id=0, bos_token_id=2, eos_token_id=1)),
+        "t5-large": ("seq2seq", lambda: tf.T5Config(
+            vocab_size=32128, d_model=1024, d_kv=64, d_ff=4096, num_layers=24, num_heads=16, decoder_start_token_id=0)),
+    }
+
+
+def random_backbone(arch: str, device: str, dtype: torch.dtype) -> Backbone:
+    """Random weights of a real architecture with a word-level tokenizer built here (timing only)."""
+    import transformers as tf
+
+    from harness.synthetic import synthetic_tokenizer
+
+    archs = _architectures()
+    if arch not in archs:
+        raise unknown_name("architecture", arch, archs)
+    family, make = archs[arch]
+    auto = {"clm": tf.AutoModelForCausalLM, "mlm": tf.AutoModelForMaskedLM, "seq2seq": tf.AutoModelForSeq2SeqLM}
+    model = auto[family].from_config(make(), dtype=dtype).to(device).eval()
+    tokenizer = synthetic_tokenizer(mask=family != "seq2seq", bos=family != "seq2seq")
+    identity = {"source": "random", "architecture": arch, "parameters": sum(p.numel() for p in model.parameters())}
+    return Backbone(name=f"random-{arch}", family=family, model=model, tokenizer=tokenizer, identity=identity)
+
+
+def non_embedding_parameters(model) -> int:
+    skip = {id(p) for p in model.get_input_embeddings().parameters()}
+    out = model.get_output_embeddings()
+    if out is not None:
+        skip |= {id(p) for p in out.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+def matmul_rate(device: str, dtype: torch.dtype, size: int = 2048, seconds: float = 2.0) -> float:
+    """FLOP/s this device reaches on a square matrix multiply: the denominator of the compute floor."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.matmul(a, b)
+    _sync(device)
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.matmul(a, b)
+        runs += 1
+    _sync(device)
+    return 2 * size**3 * runs / (time.perf_counter() - start)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def reference_call(scorer, enc, label_ids, prompt: PromptBatch) -> torch.Tensor:
+    """One candidate, the reference code's way: full sequence, full-vocabulary logits, float32."""
+    model = scorer.model
+    n, at, width = enc.input_ids.shape[0], scorer.insert_at, prompt.n_tokens
+    embeds = model.get_input_embeddings()(enc.input_ids)
+    first = prompt.rows(0, n) + (prompt.placeholders if prompt.placeholders is not None else 0)
+    embeds = torch.cat([embeds[:, :at], first.to(embeds.dtype), embeds[:, at:]], dim=1)
+    ones = torch.ones(n, width, dtype=enc.attention_mask.dtype, device=embeds.device)
+    mask = torch.cat([enc.attention_mask[:, :at], ones, enc.attention_mask[:, at:]], dim=1)
+    rows = torch.arange(n, device=embeds.device)
+    with scorer.deep_prompts(prompt, n):
+        if scorer.family == "seq2seq":
+            logits = model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=scorer._decoder_inputs(enc)).logits
+            return logits[rows, enc.read_at][:, label_ids]
+        logits = model(inputs_embeds=embeds, attention_mask=mask).logits  # [n, length, vocab]
+    return logits[rows, enc.read_at + width][:, label_ids]
+
+
+@dataclass
+class BenchResult:
+    path: str
+    calls: int
+    seconds: float
+    floor_seconds: float
+
+    @property
+    def calls_per_second(self) -> float:
+        return self.calls / self.seconds
+
+    @property
+    def floor_fraction(self) -> float:
+        return self.floor_seconds / self.seconds
+
+
+def run_bench(
+    backbone: Backbone, texts: list[str], label_words: list[str], calls: int, reference_calls: int,
+    popsize: int = 20, n_tokens: int = 50, dim: int = 500, device: str = "cpu",
+) -> tuple[list[BenchResult], dict]:
+    service = ModelService(backbone)
+    spec = PromptSpec(n_tokens, 1, "add", "z", ProjectionSpec(dim, 0, (0.01,)))
+    service.configure_prompt(spec)
+    scorer, model = service._scorer, backbone.model
+    label_ids = label_token_ids(backbone.tokenizer, label_words)
+    enc = scorer.encode(texts)
+    n, length = enc.input_ids.shape
+    rng = np.random.RandomState(0)
+    z = rng.randn(max(calls, reference_calls), 1, dim).astype(np.float32)
+    rate = matmul_rate(device, next(model.parameters()).dtype)
+    params = non_embedding_parameters(model)
+    real = int(enc.attention_mask.sum())
+    full_tokens = real + n * n_tokens  # every example with its own copy of the prompt
+    shared = scorer.family == "clm" and getattr(scorer, "share_prefix", False)
+    needed = real - n * scorer.insert_at + n_tokens + scorer.insert_at if shared else full_tokens
+
+    def floor(k: int, tokens: int) -> float:
+        return 2 * params * tokens * k / rate
+
+    # reference-style: float32 copy of the model, one candidate per forward
+    ref_model = model if next(model.parameters()).dtype == torch.float32 else _float_copy(model)
+    ref_scorer = type(scorer)(ref_model, backbone.tokenizer, scorer.max_length)
+    table = ref_model.get_input_embeddings()
+    placeholders = table(torch.tensor(placeholder_ids(spec, table.weight.shape[0]), device=device))
+    ref_enc = ref_scorer.encode(texts)
+    matrices: dict = {}
+    with torch.inference_mode():
+        vectors = project(spec, z[:1], service.hidden_size, matrices).to(device)
+        reference_call(ref_scorer, ref_enc, label_ids, PromptBatch(vectors, placeholders))  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(reference_calls):
+            vectors = project(spec, z[i : i + 1], service.hidden_size, matrices).to(device)
+            reference_call(ref_scorer, ref_enc, label_ids, PromptBatch(vectors, placeholders))
+        _sync(device)
+        reference = BenchResult("reference-style", reference_calls, time.perf_counter() - start, floor(reference_calls, full_tokens))
+        service.prompted_label_logits(texts, label_words, z[:popsize])  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(0, calls, popsize):
+            service.prompted_label_logits(texts, label_words, z[i : i + popsize])
+        _sync(device)
+        default = BenchResult("default", calls, time.perf_counter() - start, floor(calls, needed))
+    facts = {
+        "device": device_description(),
+        "backbone": backbone.name,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "examples_per_call": n,
+        "padded_length": length,
+        "prompt_tokens": n_tokens,
+        "non_embedding_parameters": params,
+        "matmul_tflops": rate / 1e12,
+        "tokens_per_call_full": full_tokens,
+        "tokens_per_call_needed": needed,
+    }
+    return [reference, default], facts
+
+
+def _float_copy(model):
+    import copy
+
+    return copy.deepcopy(model).float()
+
+
+def render(results: list[BenchResult], facts: dict, command: str) -> str:
+    reference, default = results
+    lines = [
+        "# BBT per-call cost: reference-style loop vs the default path",
+        "",
+        f"Generated by `{command}`; device: **{facts['device']}**.",
+        "",
+        f"- backbone: {facts['backbone']} ({facts['dtype']} on the default path; the reference-style loop runs float32)",
+        f"- one API call: {facts['examples_per_call']} examples (padded to {facts['padded_length']} tokens) + a "
+        f"{facts['prompt_tokens']}-token prompt",
+        f"- compute floor: 2 × {facts['non_embedding_parameters']:,} non-embedding parameters × tokens, at the measured "
+        f"matrix-multiply rate {facts['matmul_tflops']:.2f} TFLOP/s; tokens per call: {facts['tokens_per_call_full']:,} "
+        f"for the full sequences, {facts['tokens_per_call_needed']:,} for the work the default path must do",
+        "",
+        "| path | calls | seconds | calls/s | s per 8,000 calls | floor for its work (s) | fraction of floor |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.path} | {r.calls} | {r.seconds:.2f} | {r.calls_per_second:.3f} | {8000 / r.calls_per_second:.0f} | "
+            f"{r.floor_seconds:.2f} | {100 * r.floor_fraction:.1f}% |"
+        )
+    lines += ["", f"Speed-up of the default path per API call: **{default.calls_per_second / reference.calls_per_second:.2f}×**."]
+    return "\n".join(lines) + "\n"
+
+
+def bench_command(args) -> str:
+    from harness.data import load_task_data, make_split
+    from harness.tasks import get_card
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if args.random:
+        backbone = random_backbone(args.backbone, device, dtype)
+    else:
+        backbone = load_backbone(args.backbone, device=device, dtype=dtype)
+    card = get_card(args.task)
+    split = make_split(card, load_task_data(card, args.data_dir), 16, args.seed, None)
+    from harness.scoring import mask_string
+
+    prompt = PromptFormat(card, backbone.family, mask_string(backbone.tokenizer, backbone.family))
+    if args.calls % 20:
+        raise HarnessError("--calls must be a multiple of the popsize (20)")
+    results, facts = run_bench(
+        backbone, prompt.render_all(split.train), prompt.label_words, args.calls, args.reference_calls, device=device
+    )
+    text = render(results, facts, "harness bench " + " ".join(args.argv))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return text

@@ -1,0 +1,47 @@
+"""`harness bench`: the reference-style loop and the default path score the same candidates alike."""
+
+import numpy as np
+import pytest
+import torch
+
+from harness.bench import non_embedding_parameters, reference_call, render, run_bench
+from harness.prompting import ProjectionSpec, PromptSpec, placeholder_ids, project
+from harness.scoring import PromptBatch, label_token_ids, make_scorer
+from harness.service import ModelService
+from tests.conftest import tiny_backbone
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gemma3", "roberta", "t5"])
+def test_reference_style_and_default_paths_agree(kind):
+    """Same candidates, same label logits (float32, within 1e-4): the speed-ups change nothing but time."""
+    backbone = tiny_backbone(kind)
+    service = ModelService(backbone)
+    spec = PromptSpec(4, 1, "add", "z", ProjectionSpec(16, 0, (0.5,)))
+    service.configure_prompt(spec)
+    texts = [f"the movie was good . {service.mask}", f"bad film , it was {service.mask} ."]
+    words = [" good", " bad"]
+    z = np.random.RandomState(1).randn(3, 1, 16).astype(np.float32)
+    fast = service.prompted_label_logits(texts, words, z)
+    scorer = make_scorer(backbone)
+    table = backbone.model.get_input_embeddings()
+    placeholders = table(torch.tensor(placeholder_ids(spec, table.weight.shape[0])))
+    enc = scorer.encode(texts)
+    ids = label_token_ids(backbone.tokenizer, words)
+    with torch.no_grad():
+        for i in range(3):
+            vectors = project(spec, z[i : i + 1], table.weight.shape[1], {})
+            ref = reference_call(scorer, enc, ids, PromptBatch(vectors, placeholders))
+            np.testing.assert_allclose(fast[i], ref.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_bench_reports_both_paths_and_the_floor():
+    backbone = tiny_backbone("gpt2")
+    texts = ["the movie was good . it was"] * 4
+    results, facts = run_bench(backbone, texts, [" good", " bad"], calls=20, reference_calls=2, n_tokens=4, dim=8)
+    reference, default = results
+    assert (reference.calls, default.calls) == (2, 20)
+    assert facts["tokens_per_call_needed"] < facts["tokens_per_call_full"]  # the shared prefix saves work
+    assert 0 < default.floor_seconds and 0 < reference.floor_seconds
+    assert facts["non_embedding_parameters"] == non_embedding_parameters(backbone.model) > 0
+    text = render(results, facts, "harness bench --random")
+    assert "reference-style" in text and "Speed-up of the default path" in text and facts["device"] in text
