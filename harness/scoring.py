@@ -7,11 +7,17 @@
 
 Only the label-word rows of the output layer are applied, so no full-vocabulary logits are ever formed for
 clm/seq2seq; tests compare every path with the model's own full forward.
+
+Gradient methods reuse these paths (`Scorer.encode` and `forward_label_logits` are differentiable) and may pass
+`soft`: trainable inputs the body receives besides the text (see `SoftInputs`): virtual input vectors (prompt
+tuning) and per-layer key/value prefixes (P-tuning v2). The read positions move with them.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +54,29 @@ class Encoded:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     read_at: torch.Tensor  # position whose hidden state predicts the label word, per row
+
+
+class SoftInputs(Protocol):
+    """Trainable inputs a gradient method adds to the body; either may return None.
+
+    - `input_prompt(n)`: [n, P, hidden] vectors placed before the input embeddings (the encoder's, for seq2seq);
+      the read positions of clm/mlm move P to the right.
+    - `kv_prefix(n)`: (cache, K): a fresh cache holding K key/value vectors at every layer (the decoder's
+      self-attention, for seq2seq, as peft does); the attention mask gains K leading ones.
+    """
+
+    def input_prompt(self, n: int) -> torch.Tensor | None: ...
+
+    def kv_prefix(self, n: int) -> tuple[object, int] | None: ...
+
+
+def _ones_before(mask: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+
+
+def _cache_kwarg(module) -> str:
+    """transformers 5 renames `past_key_values` to `cache` model by model."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def _restricted_head(model, hidden: torch.Tensor, label_ids: list[int]) -> torch.Tensor:
@@ -99,8 +128,45 @@ class Scorer:
     def label_logits(self, texts: list[str], label_ids: list[int]) -> torch.Tensor:
         return self.forward_label_logits(self.encode(texts), label_ids)
 
-    def forward_label_logits(self, enc: Encoded, label_ids: list[int]) -> torch.Tensor:
+    def forward_label_logits(self, enc: Encoded, label_ids: list[int], soft: SoftInputs | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def _prompted(self, enc: Encoded, soft: SoftInputs | None, embedder) -> tuple[dict, int]:
+        """The body's (or encoder's) keyword inputs with any input prompt placed first, and its length."""
+        kwargs = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
+        prompt = soft.input_prompt(enc.input_ids.shape[0]) if soft is not None else None
+        if prompt is None:
+            return kwargs, 0
+        embeds = embedder.get_input_embeddings()(enc.input_ids)  # the module the body would apply (Gemma scales)
+        kwargs = {
+            "inputs_embeds": torch.cat([prompt.to(embeds.dtype), embeds], dim=1),
+            "attention_mask": _ones_before(enc.attention_mask, prompt.shape[1]),
+        }
+        return kwargs, prompt.shape[1]
+
+    def _prefixed(self, kwargs: dict, soft: SoftInputs | None, body, length: int) -> dict:
+        """Adds a per-layer key/value prefix (and its attention-mask ones) to a body's keyword inputs."""
+        prefix = soft.kv_prefix(length) if soft is not None else None
+        if prefix is None:
+            return kwargs
+        cache, k = prefix
+        return {**kwargs, _cache_kwarg(body): cache, "attention_mask": _ones_before(kwargs["attention_mask"], k)}
+
+    def _check_length(self, kwargs: dict) -> None:
+        if kwargs["attention_mask"].shape[1] > self.max_length:
+            raise HarnessError(
+                f"an input with its prompt/prefix has {kwargs['attention_mask'].shape[1]} positions, over the "
+                f"backbone's limit {self.max_length}; shorten the prompt or lower the task card's max_chars"
+            )
+
+    def _body_hidden(self, enc: Encoded, soft: SoftInputs | None) -> torch.Tensor:
+        """clm/mlm: the body's hidden states at the read positions."""
+        body = self.model.base_model
+        kwargs, shift = self._prompted(enc, soft, self.model)
+        kwargs = self._prefixed(kwargs, soft, body, enc.input_ids.shape[0])
+        self._check_length(kwargs)
+        hidden = body(**kwargs).last_hidden_state
+        return self._rows(hidden, enc.read_at + shift)
 
     def _rows(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
@@ -112,9 +178,8 @@ class CausalScorer(Scorer):
     def _read_positions(self, input_ids, attention_mask):
         return attention_mask.sum(dim=1) - 1  # right padding: the last real token
 
-    def forward_label_logits(self, enc, label_ids):
-        hidden = self.model.base_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
-        return _restricted_head(self.model, self._rows(hidden, enc.read_at), label_ids)
+    def forward_label_logits(self, enc, label_ids, soft=None):
+        return _restricted_head(self.model, self._body_hidden(enc, soft), label_ids)
 
 
 class MaskedScorer(Scorer):
@@ -123,9 +188,8 @@ class MaskedScorer(Scorer):
     def _read_positions(self, input_ids, attention_mask):
         return self._mask_positions(input_ids)
 
-    def forward_label_logits(self, enc, label_ids):
-        hidden = self.model.base_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
-        rows = self._rows(hidden, enc.read_at)
+    def forward_label_logits(self, enc, label_ids, soft=None):
+        rows = self._body_hidden(enc, soft)
         # the MLM head has a transform (dense, activation, norm) before the decoder: run it on the mask rows only
         head = _mlm_head(self.model)
         return head(rows)[:, label_ids]
@@ -161,12 +225,22 @@ class Seq2SeqScorer(Scorer):
         shifted = torch.cat([torch.full((n, 1), start, device=self.device), enc.input_ids[:, :-1]], dim=1)
         return shifted[:, : int(enc.read_at.max()) + 1]
 
-    def forward_label_logits(self, enc, label_ids):
-        encoded = self.model.get_encoder()(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
-        decoded = self.model.get_decoder()(
-            input_ids=self._decoder_inputs(enc),
+    def forward_label_logits(self, enc, label_ids, soft=None):
+        encoder, decoder = self.model.get_encoder(), self.model.get_decoder()
+        enc_kwargs, _ = self._prompted(enc, soft, encoder)  # an input prompt goes to the encoder only
+        self._check_length(enc_kwargs)
+        encoded = encoder(**enc_kwargs)
+        decoder_ids = self._decoder_inputs(enc)
+        dec_kwargs = {}
+        prefixed = self._prefixed({"attention_mask": torch.ones_like(decoder_ids)}, soft, decoder, len(decoder_ids))
+        if len(prefixed) > 1:  # a key/value prefix: the decoder's mask must cover it (without one it needs none)
+            self._check_length(prefixed)
+            dec_kwargs = prefixed
+        decoded = decoder(
+            input_ids=decoder_ids,
             encoder_hidden_states=encoded.last_hidden_state,
-            encoder_attention_mask=enc.attention_mask,
+            encoder_attention_mask=enc_kwargs["attention_mask"],
+            **dec_kwargs,
         )
         rows = self._rows(decoded.last_hidden_state, enc.read_at)
         if getattr(self.model.config, "tie_word_embeddings", False) and self.model.config.model_type in ("t5", "mt5"):
