@@ -9,6 +9,7 @@ from methods.base import Method
 
 MODULES = [
     "methods.manual",
+    "methods.gradient",
 ]
 
 _REGISTRY: dict[str, type[Method]] = {}
