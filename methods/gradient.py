@@ -210,7 +210,7 @@ class ModelTuning(GradientMethod):
 
 @dataclass
 class AdapterConfig(GradientConfig):
-    lr: float = 1e-3
+    lr: float = 3e-4
     weight_decay: float = 0.01
     bottleneck: int = 24
     init_std: float = 1e-2

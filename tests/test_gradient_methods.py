@@ -197,6 +197,10 @@ def test_method_matrix(method, kind):
 def test_flags_and_registration():
     gradient = [name for name, cls in registry().items() if cls.group == "gradient-based"]
     assert gradient == METHODS  # the papers' row order
+    from harness.profiles import GRADIENT_METHODS
+
+    assert set(GRADIENT_METHODS) == set(METHODS)  # the quick profile's overrides name real methods
+    assert get_profile("quick").overrides_for("lora") == {"steps": 200, "eval_every": 50}
     for name in gradient:
         cls = get_method(name)
         assert cls.as_a_service is False
