@@ -46,6 +46,7 @@ def load_frame(records: list[dict]) -> pd.DataFrame:
                 "eval_full_size": r["split"]["eval_full_size"],
                 "caveats": r["split"]["caveats"],
                 "versions": r["versions"],
+                "trained": (r.get("trace") or {}).get("trained") if r["group"] == "gradient-based" else None,
             }
         )
     return pd.DataFrame(rows)
@@ -162,6 +163,9 @@ def provenance(frame: pd.DataFrame) -> str:
     ]
     versions = sorted({", ".join(f"{k} {v}" for k, v in sorted(r.items())) for r in frame["versions"]})
     lines += [f"- packages: {v}" for v in versions]
+    trained = part_trained(frame)
+    if trained:
+        lines.append("- what the gradient methods trained: " + "; ".join(f"{m}: {t}" for m, t in trained.items()))
     lines.append("- data caveats († = scored on a subset of the eval split):")
     for task in _ordered_tasks(frame["task"]):
         part = frame[frame["task"] == task]
@@ -169,6 +173,14 @@ def provenance(frame: pd.DataFrame) -> str:
         if caveats:
             lines.append(f"  - {task}: " + "; ".join(caveats.values()))
     return "\n".join(lines)
+
+
+def part_trained(frame: pd.DataFrame) -> dict[str, str]:
+    """Per gradient method, what it trained on this backbone (e.g. BitFit on a model without biases)."""
+    if "trained" not in frame:
+        return {}
+    known = frame.dropna(subset=["trained"])
+    return {m: "; ".join(sorted(set(part["trained"]))) for m, part in known.groupby("method", sort=False)}
 
 
 def render(records: list[dict]) -> str:

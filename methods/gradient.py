@@ -244,13 +244,12 @@ class BitFitConfig(GradientConfig):
 
 def norm_gains(model: nn.Module) -> dict[str, nn.Parameter]:
     """The weight (gain) of every normalisation module: LayerNorm, RMSNorm, T5LayerNorm, Gemma3RMSNorm..."""
-    out = {}
-    for module_name, module in model.named_modules():
-        if "norm" in type(module).__name__.lower():
-            for name, p in module.named_parameters(recurse=False):
-                if name == "weight":
-                    out[f"{module_name}.{name}"] = p
-    return {n: p for n, p in dict(model.named_parameters()).items() if n in out}  # drops tied duplicates
+    names = {
+        f"{module_name}.weight"
+        for module_name, module in model.named_modules()
+        if "norm" in type(module).__name__.lower() and isinstance(getattr(module, "weight", None), nn.Parameter)
+    }
+    return {n: p for n, p in model.named_parameters() if n in names}  # named_parameters lists a shared tensor once
 
 
 @register
@@ -311,6 +310,7 @@ class Lora(GradientMethod):
                 lora_alpha=c.alpha,
                 lora_dropout=c.dropout,
                 target_modules=list(c.target_modules) if c.target_modules else None,
+                fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2's Conv1D stores weights transposed
                 bias="none",
             ),
         )

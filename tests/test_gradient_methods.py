@@ -358,3 +358,7 @@ def test_every_method_runs_through_the_grid_and_leaves_the_backbone_as_it_was(tm
         assert r["meters"]["cpu_rss_peak_mb"] > 0
         assert r["queries"] is None  # they own the model: no service traffic to count
     assert_same_state(shared.model, before)
+    from harness.report import render
+
+    report = render(store.records())
+    assert "bitfit: " + ("bias terms" if kind == "gpt2" else "normalisation gains (t5 has no bias terms)") in report
