@@ -241,7 +241,7 @@ def bench_command(args) -> str:
     results, facts = run_bench(
         backbone, prompt.render_all(split.train), prompt.label_words, args.calls, args.reference_calls, device=device
     )
-    text = render(results, facts, "harness bench " + " ".join(args.argv))
+    text = render(results, facts, "harness " + " ".join(args.argv))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)

@@ -6,6 +6,8 @@ In this single-process benchmark the server and the user share a process, so:
   where the user-side state of black-box methods lives (CMA-ES, projections, probes' features); torch tensors a
   method keeps on the user side add their own bytes through `Method.user_tensor_bytes`.
 On a CPU-only machine the GPU fields are None and `device` says "cpu", so reports print "n/a (CPU)", not zeros.
+For CPU runs `cpu_rss_peak_mb` (sampled peak resident memory of the whole process: the loaded backbone, the
+method's state, activations) is the closest figure; the report labels it as such.
 """
 
 from __future__ import annotations
@@ -61,6 +63,26 @@ class _NvmlSampler:
         return self.peak
 
 
+class _RssSampler(threading.Thread):
+    """Samples this process's resident memory every few milliseconds and keeps the peak."""
+
+    def __init__(self, interval_s: float = 0.05):
+        super().__init__(daemon=True)
+        self.interval_s = interval_s
+        self.process = psutil.Process()
+        self.peak = self.process.memory_info().rss
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def finish(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, self.process.memory_info().rss)
+
+
 @contextmanager
 def measure():
     """Yields a dict that holds the measurements once the block ends."""
@@ -71,6 +93,8 @@ def measure():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         sampler.start()
+    rss = _RssSampler()
+    rss.start()
     tracing = not tracemalloc.is_tracing()
     if tracing:
         tracemalloc.start()
@@ -89,3 +113,4 @@ def measure():
         figures["server_gpu_peak_mb"] = nvml_peak / 2**20 if nvml_peak is not None else None
         figures["torch_gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if gpu else None
         figures["process_rss_mb"] = psutil.Process().memory_info().rss / 2**20
+        figures["cpu_rss_peak_mb"] = rss.finish() / 2**20

@@ -38,6 +38,7 @@ def load_frame(records: list[dict]) -> pd.DataFrame:
                 "wall_s": r["meters"]["wall_s"],
                 "device": r["meters"]["device"],
                 "server_gpu_mb": r["meters"].get("server_gpu_peak_mb"),
+                "cpu_rss_mb": r["meters"].get("cpu_rss_peak_mb"),
                 "user_mb": r["meters"].get("user_heap_peak_mb", 0) + r["meters"].get("user_tensor_mb", 0),
                 "upload_b": (phase or {}).get("upload_per_query_bytes"),
                 "download_b": (phase or {}).get("download_per_query_bytes"),
@@ -45,6 +46,7 @@ def load_frame(records: list[dict]) -> pd.DataFrame:
                 "eval_full_size": r["split"]["eval_full_size"],
                 "caveats": r["split"]["caveats"],
                 "versions": r["versions"],
+                "trained": (r.get("trace") or {}).get("trained") if r["group"] == "gradient-based" else None,
             }
         )
     return pd.DataFrame(rows)
@@ -105,6 +107,15 @@ def _mb(value) -> str:
     return "n/a (CPU)" if value is None or pd.isna(value) else f"{value / 1024:.1f} GB" if value > 1024 else f"{value:.0f} MB"
 
 
+def _server_mem(part: pd.DataFrame) -> str:
+    """GPU peak; on a CPU, say so and give the process's peak resident memory, labelled (not a GPU figure)."""
+    gpu = part["server_gpu_mb"].max()
+    if not pd.isna(gpu):
+        return _mb(gpu)
+    rss = part["cpu_rss_mb"].max() if "cpu_rss_mb" in part else None
+    return "n/a (CPU)" if rss is None or pd.isna(rss) else f"n/a (CPU); process RSS peak {_mb(rss)}"
+
+
 def _bytes(value) -> str:
     if value is None or pd.isna(value):
         return "–"
@@ -133,7 +144,7 @@ def cost_table(frame: pd.DataFrame, tasks=("sst2", "agnews")) -> str:
                 "score": each(lambda p: f"{p['score'].mean():.1f}"),
                 "train time": each(lambda p: f"{p['fit_s'].mean() / 60:.1f} min"),
                 "user mem": each(lambda p: f"{p['user_mb'].max():.0f} MB") if served else "–",
-                "server mem": each(lambda p: _mb(p["server_gpu_mb"].max())),
+                "server mem": each(_server_mem),
                 "upload/query": each(lambda p: _bytes(p["upload_b"].mean())) if served else "–",
                 "download/query": each(lambda p: _bytes(p["download_b"].mean())) if served else "–",
             }
@@ -152,6 +163,9 @@ def provenance(frame: pd.DataFrame) -> str:
     ]
     versions = sorted({", ".join(f"{k} {v}" for k, v in sorted(r.items())) for r in frame["versions"]})
     lines += [f"- packages: {v}" for v in versions]
+    trained = part_trained(frame)
+    if trained:
+        lines.append("- what the gradient methods trained: " + "; ".join(f"{m}: {t}" for m, t in trained.items()))
     lines.append("- data caveats († = scored on a subset of the eval split):")
     for task in _ordered_tasks(frame["task"]):
         part = frame[frame["task"] == task]
@@ -159,6 +173,14 @@ def provenance(frame: pd.DataFrame) -> str:
         if caveats:
             lines.append(f"  - {task}: " + "; ".join(caveats.values()))
     return "\n".join(lines)
+
+
+def part_trained(frame: pd.DataFrame) -> dict[str, str]:
+    """Per gradient method, what it trained on this backbone (e.g. BitFit on a model without biases)."""
+    if "trained" not in frame:
+        return {}
+    known = frame.dropna(subset=["trained"])
+    return {m: "; ".join(sorted(set(part["trained"]))) for m, part in known.groupby("method", sort=False)}
 
 
 def render(records: list[dict]) -> str:

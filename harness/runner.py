@@ -84,12 +84,15 @@ def run_one(
     started = time.time()
     train_phase = service.phase("train") if service else nullcontext()
     eval_phase = service.phase("eval") if service else nullcontext()
-    with measure() as meters:
-        with train_phase:
-            method.fit(split.train, split.dev)
-        meters["fit_s"] = time.time() - started
-        with eval_phase:
-            preds = method.predict(split.eval)
+    try:
+        with measure() as meters:
+            with train_phase:
+                method.fit(split.train, split.dev)
+            meters["fit_s"] = time.time() - started
+            with eval_phase:
+                preds = method.predict(split.eval)
+    finally:
+        method.close()  # the backbone is shared by the next run: a method undoes its changes, even on failure
     meters["user_tensor_mb"] = method.user_tensor_bytes() / 2**20
     gold = np.array([e["label"] for e in split.eval])
     return {

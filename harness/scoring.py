@@ -7,12 +7,18 @@
 
 Only the label-word rows of the output layer are applied, so no full-vocabulary logits are ever formed for
 clm/seq2seq; tests compare every path with the model's own full forward.
+
+Gradient methods reuse these paths (`Scorer.encode` and `forward_label_logits` are differentiable) and may pass
+`soft`: trainable inputs the body receives besides the text (see `SoftInputs`): virtual input vectors (prompt
+tuning) and per-layer key/value prefixes (P-tuning v2). The read positions move with them.
 """
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +97,29 @@ def embedding_scale(model) -> float:
     return float(scale)
 
 
+class SoftInputs(Protocol):
+    """Trainable inputs a gradient method adds to the body; either may return None.
+
+    - `input_prompt(n)`: [n, P, hidden] vectors placed before the input embeddings (the encoder's, for seq2seq);
+      the read positions of clm/mlm move P to the right.
+    - `kv_prefix(n)`: (cache, K): a fresh cache holding K key/value vectors at every layer (the decoder's
+      self-attention, for seq2seq, as peft does); the attention mask gains K leading ones.
+    """
+
+    def input_prompt(self, n: int) -> torch.Tensor | None: ...
+
+    def kv_prefix(self, n: int) -> tuple[object, int] | None: ...
+
+
+def _ones_before(mask: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+
+
+def _cache_kwarg(module) -> str:
+    """transformers 5 renames `past_key_values` to `cache` model by model."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 def _restricted_head(model, hidden: torch.Tensor, label_ids: list[int]) -> torch.Tensor:
     """Apply only the label rows of the output embedding (+ bias / final bias / softcap where the model has them)."""
     head = model.get_output_embeddings()
@@ -142,10 +171,18 @@ class Scorer:
     def label_logits(self, texts: list[str], label_ids: list[int], prompt: PromptBatch | None = None) -> torch.Tensor:
         return self.forward_label_logits(self.encode(texts), label_ids, prompt)
 
-    def forward_label_logits(self, enc: Encoded, label_ids: list[int], prompt: PromptBatch | None = None) -> torch.Tensor:
-        """[N, labels] without a prompt; [P * N, labels] (candidate-major) with P prompt candidates."""
+    def forward_label_logits(
+        self, enc: Encoded, label_ids: list[int], prompt: PromptBatch | None = None, soft: SoftInputs | None = None
+    ) -> torch.Tensor:
+        """[N, labels] without a prompt; [P * N, labels] (candidate-major) with P black-box prompt candidates.
+
+        `prompt` is what the service applies for black-box methods (BBT, BBTv2: after <s>, deep slots added to
+        the hidden states); `soft` is a gradient method's trainable inputs (placed first, key/value prefixes).
+        """
         if prompt is None:
-            return self._label_logits({"input_ids": enc.input_ids}, enc.attention_mask, enc.read_at, enc, label_ids)
+            return self._soft_label_logits(enc, label_ids, soft)
+        if soft is not None:
+            raise HarnessError("a query takes black-box prompt candidates or trainable soft inputs, not both")
         n = enc.input_ids.shape[0]
         tiled = enc.tile(prompt.size)
         embeds = self.model.get_input_embeddings()(tiled.input_ids)
@@ -187,6 +224,11 @@ class Scorer:
                 handle.remove()
 
     def _label_logits(self, inputs: dict, attention_mask, read_at, tiled: Encoded, label_ids) -> torch.Tensor:
+        """The family's label logits for black-box prompted inputs (embeddings already hold the prompt)."""
+        raise NotImplementedError
+
+    def _soft_label_logits(self, enc: Encoded, label_ids: list[int], soft: SoftInputs | None) -> torch.Tensor:
+        """The family's label logits for plain inputs, or with a gradient method's soft inputs."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -216,6 +258,44 @@ class Scorer:
         stds = [float(weight.float().std()) * embedding_scale(self.model)]
         return stds + [clipped_std(seen[j][real]) for j in range(1, len(layers))]
 
+
+    def _prompted(self, enc: Encoded, soft: SoftInputs | None, embedder) -> tuple[dict, int]:
+        """The body's (or encoder's) keyword inputs with any input prompt placed first, and its length."""
+        kwargs = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
+        prompt = soft.input_prompt(enc.input_ids.shape[0]) if soft is not None else None
+        if prompt is None:
+            return kwargs, 0
+        embeds = embedder.get_input_embeddings()(enc.input_ids)  # the module the body would apply (Gemma scales)
+        kwargs = {
+            "inputs_embeds": torch.cat([prompt.to(embeds.dtype), embeds], dim=1),
+            "attention_mask": _ones_before(enc.attention_mask, prompt.shape[1]),
+        }
+        return kwargs, prompt.shape[1]
+
+    def _prefixed(self, kwargs: dict, soft: SoftInputs | None, body, length: int) -> dict:
+        """Adds a per-layer key/value prefix (and its attention-mask ones) to a body's keyword inputs."""
+        prefix = soft.kv_prefix(length) if soft is not None else None
+        if prefix is None:
+            return kwargs
+        cache, k = prefix
+        return {**kwargs, _cache_kwarg(body): cache, "attention_mask": _ones_before(kwargs["attention_mask"], k)}
+
+    def _check_length(self, kwargs: dict) -> None:
+        if kwargs["attention_mask"].shape[1] > self.max_length:
+            raise HarnessError(
+                f"an input with its prompt/prefix has {kwargs['attention_mask'].shape[1]} positions, over the "
+                f"backbone's limit {self.max_length}; shorten the prompt or lower the task card's max_chars"
+            )
+
+    def _body_hidden(self, enc: Encoded, soft: SoftInputs | None) -> torch.Tensor:
+        """clm/mlm: the body's hidden states at the read positions."""
+        body = self.model.base_model
+        kwargs, shift = self._prompted(enc, soft, self.model)
+        kwargs = self._prefixed(kwargs, soft, body, enc.input_ids.shape[0])
+        self._check_length(kwargs)
+        hidden = body(**kwargs).last_hidden_state
+        return self._rows(hidden, enc.read_at + shift)
+
     def _rows(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
 
@@ -224,15 +304,19 @@ class CausalScorer(Scorer):
     family = "clm"
     share_prefix = True  # compute the prompt's keys and values once per candidate (see forward_label_logits)
 
+
     def _read_positions(self, input_ids, attention_mask):
         return attention_mask.sum(dim=1) - 1  # right padding: the last real token
 
-    def forward_label_logits(self, enc, label_ids, prompt=None):
+    def _soft_label_logits(self, enc, label_ids, soft):
+        return _restricted_head(self.model, self._body_hidden(enc, soft), label_ids)
+
+    def forward_label_logits(self, enc, label_ids, prompt=None, soft=None):
         """With a prompt, a causal LM's prompt positions cannot attend to the examples after them, so their keys
         and values depend on the candidate only: compute them once per candidate ([<bos>] + prompt, with the
         deep slots applied), repeat that cache for the N examples, and run only the example tokens on top."""
-        if prompt is None or not self.share_prefix:
-            return super().forward_label_logits(enc, label_ids, prompt)
+        if prompt is None or soft is not None or not self.share_prefix:
+            return super().forward_label_logits(enc, label_ids, prompt, soft)
         from transformers import DynamicCache
 
         n, at, width = enc.input_ids.shape[0], self.insert_at, prompt.n_tokens
@@ -264,11 +348,16 @@ class MaskedScorer(Scorer):
     def _read_positions(self, input_ids, attention_mask):
         return self._mask_positions(input_ids)
 
+    def _soft_label_logits(self, enc, label_ids, soft):
+        rows = self._body_hidden(enc, soft)
+        # the MLM head has a transform (dense, activation, norm) before the decoder: run it on the mask rows only
+        head = _mlm_head(self.model)
+        return head(rows)[:, label_ids]
+
+
     def _label_logits(self, inputs, attention_mask, read_at, tiled, label_ids):
         hidden = self.model.base_model(**inputs, attention_mask=attention_mask).last_hidden_state
-        rows = self._rows(hidden, read_at)
-        # the MLM head has a transform (dense, activation, norm) before the decoder: run it on the mask rows only
-        return _mlm_head(self.model)(rows)[:, label_ids]
+        return _mlm_head(self.model)(self._rows(hidden, read_at))[:, label_ids]
 
 
 def _mlm_head(model) -> torch.nn.Module:
@@ -301,6 +390,25 @@ class Seq2SeqScorer(Scorer):
         shifted = torch.cat([torch.full((n, 1), start, device=self.device), enc.input_ids[:, :-1]], dim=1)
         return shifted[:, : int(enc.read_at.max()) + 1]
 
+    def _soft_label_logits(self, enc, label_ids, soft):
+        encoder, decoder = self.model.get_encoder(), self.model.get_decoder()
+        enc_kwargs, _ = self._prompted(enc, soft, encoder)  # an input prompt goes to the encoder only
+        self._check_length(enc_kwargs)
+        encoded = encoder(**enc_kwargs)
+        decoder_ids = self._decoder_inputs(enc)
+        dec_kwargs = {}
+        prefixed = self._prefixed({"attention_mask": torch.ones_like(decoder_ids)}, soft, decoder, len(decoder_ids))
+        if len(prefixed) > 1:  # a key/value prefix: the decoder's mask must cover it (without one it needs none)
+            self._check_length(prefixed)
+            dec_kwargs = prefixed
+        decoded = decoder(
+            input_ids=decoder_ids,
+            encoder_hidden_states=encoded.last_hidden_state,
+            encoder_attention_mask=enc_kwargs["attention_mask"],
+            **dec_kwargs,
+        )
+        return self._head(self._rows(decoded.last_hidden_state, enc.read_at), label_ids)
+
     def _shift(self, read_at, width):
         return read_at  # read in the decoder, which never sees the prompt
 
@@ -311,7 +419,9 @@ class Seq2SeqScorer(Scorer):
             encoder_hidden_states=encoded.last_hidden_state,
             encoder_attention_mask=attention_mask,
         )
-        rows = self._rows(decoded.last_hidden_state, read_at)
+        return self._head(self._rows(decoded.last_hidden_state, read_at), label_ids)
+
+    def _head(self, rows, label_ids):
         if getattr(self.model.config, "tie_word_embeddings", False) and self.model.config.model_type in ("t5", "mt5"):
             rows = rows * self.model.config.d_model**-0.5  # T5 rescales before a tied head
         return _restricted_head(self.model, rows, label_ids)

@@ -9,6 +9,7 @@ from methods.base import Method
 
 MODULES = [
     "methods.manual",
+    "methods.gradient",
     "methods.icl",
     "methods.feature_mlp",
     "methods.feature_bilstm",

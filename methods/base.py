@@ -51,6 +51,10 @@ class Method:
     def predict(self, examples: list[Example]) -> np.ndarray:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the run holds and undo any change to the shared backbone (the runner calls this after
+        predict, also when the run fails; gradient methods restore the model here)."""
+
     def tunable_parameters(self) -> int:
         return 0
 

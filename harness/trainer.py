@@ -1,0 +1,143 @@
+"""The one trainer every gradient method uses.
+
+AdamW, a linear learning-rate schedule (optional linear warm-up, then decay to zero), a fixed number of steps,
+evaluation on the 16-shot dev split every `eval_every` steps (and after the last step), and the best dev state
+kept: the trainable tensors are copied whenever the dev metric improves (ties: the lower dev loss wins; a
+later step must be strictly better) and restored before the method predicts.
+
+The loss is the mean cross-entropy over the label-word logits the method's forward returns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from harness.errors import HarnessError
+
+
+@dataclass
+class TrainSettings:
+    lr: float
+    steps: int
+    batch_size: int
+    eval_every: int
+    eval_batch_size: int = 32
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+def batches(n: int, size: int, seed: int):
+    """Endless mini-batches of indices: each epoch a fresh permutation, cut into batches (the last may be short)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(n)
+        for i in range(0, n, size):
+            yield order[i : i + size].tolist()
+
+
+class Trainer:
+    """Trains `params` to minimise CE of `forward(texts) -> [N, n_labels] logits`; selects on dev."""
+
+    def __init__(
+        self,
+        settings: TrainSettings,
+        params: dict[str, torch.nn.Parameter],
+        forward: Callable[[list[str]], torch.Tensor],
+        set_training: Callable[[bool], None],
+        metric: Callable[[np.ndarray, np.ndarray], float],
+        seed: int,
+        decay_filter: Callable[[str], bool] = lambda name: True,
+    ):
+        if not params:
+            raise HarnessError("the method has no trainable parameters")
+        if settings.steps < 1 or settings.batch_size < 1 or settings.eval_every < 1:
+            raise HarnessError(f"steps, batch_size and eval_every must be positive: {settings}")
+        self.settings = settings
+        self.params = params
+        self.forward = forward
+        self.set_training = set_training
+        self.metric = metric
+        self.seed = seed
+        decay = [p for n, p in params.items() if decay_filter(n)]
+        no_decay = [p for n, p in params.items() if not decay_filter(n)]
+        groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # the fused kernel is several times faster on a CPU (0.2 s against 1.4 s a step for 268M parameters here)
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params.values())
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr, fused=fused or None)
+        warmup = int(round(settings.warmup_ratio * settings.steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _linear(warmup, settings.steps))
+
+    def predict_logits(self, texts: list[str]) -> torch.Tensor:
+        self.set_training(False)
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(texts), self.settings.eval_batch_size):
+                out.append(self.forward(texts[i : i + self.settings.eval_batch_size]).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, 0)
+
+    def evaluate(self, texts: list[str], labels: np.ndarray) -> tuple[float, float]:
+        logits = self.predict_logits(texts)
+        loss = float(F.cross_entropy(logits, torch.as_tensor(labels)))
+        return self.metric(labels, logits.argmax(dim=1).numpy()), loss
+
+    def fit(self, train_texts: list[str], train_labels, dev_texts: list[str], dev_labels) -> dict:
+        """Runs the fixed number of steps and leaves the best dev state in place; returns the trace."""
+        s = self.settings
+        train_labels, dev_labels = np.asarray(train_labels), np.asarray(dev_labels)
+        stream = batches(len(train_texts), s.batch_size, self.seed)
+        losses, evals = [], []
+        best = None  # (metric, -loss, step)
+        best_state = None
+        started = time.perf_counter()
+        for step in range(1, s.steps + 1):
+            index = next(stream)
+            self.set_training(True)
+            logits = self.forward([train_texts[i] for i in index])
+            loss = F.cross_entropy(logits.float(), torch.as_tensor(train_labels[index], device=logits.device))
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"training loss is {loss.item()} at step {step}; lower the learning rate")
+            loss.backward()
+            if s.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(list(self.params.values()), s.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.append(round(loss.item(), 6))
+            if step % s.eval_every == 0 or step == s.steps:
+                score, dev_loss = self.evaluate(dev_texts, dev_labels)
+                evals.append({"step": step, "dev_score": score, "dev_loss": round(dev_loss, 6)})
+                if best is None or (score, -dev_loss) > best[:2]:
+                    best = (score, -dev_loss, step)
+                    best_state = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(best_state[name].to(p.device))
+        self.set_training(False)
+        return {
+            "train_loss": losses,
+            "dev": evals,
+            "best_step": best[2],
+            "best_dev_score": best[0],
+            "train_s": time.perf_counter() - started,
+        }
+
+
+def _linear(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def count(params: dict[str, torch.nn.Parameter]) -> int:
+    return int(sum(p.numel() for p in params.values()))
+
