@@ -96,12 +96,8 @@ def _sync(device: str) -> None:
 def reference_call(scorer, enc, label_ids, prompt: PromptBatch) -> torch.Tensor:
     """One candidate, the reference code's way: full sequence, full-vocabulary logits, float32."""
     model = scorer.model
-    n, at, width = enc.input_ids.shape[0], scorer.insert_at, prompt.n_tokens
-    embeds = model.get_input_embeddings()(enc.input_ids)
-    first = prompt.rows(0, n) + (prompt.placeholders if prompt.placeholders is not None else 0)
-    embeds = torch.cat([embeds[:, :at], first.to(embeds.dtype), embeds[:, at:]], dim=1)
-    ones = torch.ones(n, width, dtype=enc.attention_mask.dtype, device=embeds.device)
-    mask = torch.cat([enc.attention_mask[:, :at], ones, enc.attention_mask[:, at:]], dim=1)
+    n, width = enc.input_ids.shape[0], prompt.n_tokens
+    embeds, mask, _ = scorer.prompted_inputs(enc, prompt)  # P = 1: the tiled batch is the batch
     rows = torch.arange(n, device=embeds.device)
     with scorer.deep_prompts(prompt, n):
         if scorer.family == "seq2seq":

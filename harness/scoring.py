@@ -183,18 +183,24 @@ class Scorer:
             return self._soft_label_logits(enc, label_ids, soft)
         if soft is not None:
             raise HarnessError("a query takes black-box prompt candidates or trainable soft inputs, not both")
-        n = enc.input_ids.shape[0]
+        embeds, mask, tiled = self.prompted_inputs(enc, prompt)
+        with self.deep_prompts(prompt, enc.input_ids.shape[0]):
+            read_at = self._shift(tiled.read_at, prompt.n_tokens)
+            return self._label_logits({"inputs_embeds": embeds}, mask, read_at, tiled, label_ids)
+
+    def prompted_inputs(self, enc: Encoded, prompt: PromptBatch) -> tuple[torch.Tensor, torch.Tensor, Encoded]:
+        """The batch tiled for P candidates, slot 0's vectors inserted after the leading special token:
+        (input embeddings, attention mask, the tiled encoding)."""
         tiled = enc.tile(prompt.size)
         embeds = self.model.get_input_embeddings()(tiled.input_ids)
-        first = prompt.rows(0, n)
+        first = prompt.rows(0, enc.input_ids.shape[0])
         if prompt.placeholders is not None:
             first = first + prompt.placeholders
         at, width = self.insert_at, prompt.n_tokens
         embeds = torch.cat([embeds[:, :at], first.to(embeds.dtype), embeds[:, at:]], dim=1)
         ones = torch.ones(tiled.attention_mask.shape[0], width, dtype=tiled.attention_mask.dtype, device=self.device)
         mask = torch.cat([tiled.attention_mask[:, :at], ones, tiled.attention_mask[:, at:]], dim=1)
-        with self.deep_prompts(prompt, n):
-            return self._label_logits({"inputs_embeds": embeds}, mask, self._shift(tiled.read_at, width), tiled, label_ids)
+        return embeds, mask, tiled
 
     def _shift(self, read_at: torch.Tensor, width: int) -> torch.Tensor:
         return read_at + width  # the read position moves right by the prompt's length
