@@ -183,6 +183,35 @@ def part_trained(frame: pd.DataFrame) -> dict[str, str]:
     return {m: "; ".join(sorted(set(part["trained"]))) for m, part in known.groupby("method", sort=False)}
 
 
+PAPER = Path(__file__).resolve().parent / "paper_results.yaml"
+
+
+def side_by_side(frame: pd.DataFrame) -> str:
+    """Our mean beside the papers' published number, per method and task; the papers' backbone is named."""
+    import yaml
+
+    paper = yaml.safe_load(PAPER.read_text())
+    tasks = _ordered_tasks(frame["task"])
+    rows = []
+    for method in _method_order(frame):
+        part = frame[frame["method"] == method]
+        published = paper["results"].get(method, {})
+        row = {"method": method}
+        for task in tasks:
+            ours = part[part["task"] == task]["score"]
+            mine = f"{ours.mean():.2f}" if len(ours) else "–"
+            theirs = f"{published[task]:.2f}" if task in published else "–"
+            row[task] = f"{mine} / {theirs}"
+        rows.append(row)
+    backbone = ", ".join(sorted(frame["backbone"].unique()))
+    header = (
+        f"Each cell: **this run ({backbone})** / **published (the BBT and BBTv2 papers, {paper['backbone']}, "
+        "3 splits, full eval sets)**. Different backbones, sizes and eval subsets: read the published column as "
+        "context, not as a target this backbone should meet."
+    )
+    return header + "\n\n" + pd.DataFrame(rows).to_markdown(index=False)
+
+
 def render(records: list[dict]) -> str:
     frame = load_frame(records)
     if frame.empty:
@@ -196,12 +225,50 @@ def render(records: list[dict]) -> str:
             comparison_table(part),
             "### Cost",
             cost_table(part),
+            "### Beside the published numbers",
+            side_by_side(part),
         ]
     return "\n\n".join(sections) + "\n"
+
+
+def convergence_figures(records: list[dict], folder: Path) -> list[Path]:
+    """PNG per backbone and task: BBT and BBTv2's best train loss and dev metric by API call, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    traced = [r for r in records if r.get("status") == "ok" and (r.get("trace") or {}).get("train")]
+    traced = [r for r in traced if "best_loss" in r["trace"]["train"][0]]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in traced:
+        groups.setdefault((r["backbone"], r["task"]), []).append(r)
+    paths = []
+    for (backbone, task), runs in sorted(groups.items()):
+        figure, (loss_ax, dev_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+        for r in sorted(runs, key=lambda r: (r["method"], r["seed"])):
+            label = f"{r['method']} seed {r['seed']}"
+            train, dev = r["trace"]["train"], r["trace"]["dev"]
+            loss_ax.plot([t["calls"] for t in train], [t["best_loss"] for t in train], label=label)
+            dev_ax.plot([d["calls"] for d in dev], [d["metric"] for d in dev], marker="o", markersize=3, label=label)
+        loss_ax.set(xlabel="API calls", ylabel=f"best train loss ({runs[0]['trace'].get('loss', '')})", title=f"{task}: train")
+        dev_ax.set(xlabel="API calls", ylabel=f"dev {runs[0]['metric']}", title=f"{task}: dev checks")
+        dev_ax.legend(fontsize=8)
+        figure.suptitle(f"{backbone}: black-box prompt search by API call")
+        figure.tight_layout()
+        path = folder / f"convergence-{backbone}-{task}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        paths.append(path)
+    return paths
 
 
 def write_report(records: list[dict], out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(records))
+    text = render(records)
+    figures = convergence_figures(records, out.parent)
+    if figures:
+        text += "\n## Convergence (BBT, BBTv2)\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n"
+    out.write_text(text)
     return out

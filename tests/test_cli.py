@@ -39,5 +39,21 @@ def test_run_then_report(tmp_path, shared_data, monkeypatch, capsys):
     assert "| gradient-free | manual" in text
     for fragment in ("sst2 †", "dbpedia †", "mrpc (F1) †", "n/a (CPU)", "profile `quick`", "torch 2.", "pool of 3,607"):
         assert fragment in text, fragment
+    # the published numbers appear only in the labelled side-by-side view, beside ours
+    side = text.split("### Beside the published numbers")[1]
+    assert "published (the BBT and BBTv2 papers, roberta-large" in side and " / 79.82 " in side
+    assert "79.82" not in text.split("### Beside the published numbers")[0]
     assert main(["report", "--results-dir", str(tmp_path), "--report", str(report), "--print"]) == 0
     assert "### Cost" in capsys.readouterr().out
+
+
+def test_report_draws_convergence_figures_from_traces(tmp_path, shared_data, monkeypatch):
+    monkeypatch.setattr(runner, "load_backbone", lambda name: tiny_backbone("gpt2"))
+    monkeypatch.setattr("harness.cli.get_spec", lambda name: None)
+    report = tmp_path / "out" / "report.md"
+    argv = ["run", "--methods", "bbt,bbtv2", "--datasets", "sst2", "--backbone", "tiny-gpt2", "--eval-cap", "20",
+            "--data-dir", str(shared_data), "--results-dir", str(tmp_path), "--report", str(report)]
+    assert main(argv) == 0
+    png = tmp_path / "out" / "convergence-tiny-gpt2-sst2.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![convergence-tiny-gpt2-sst2](convergence-tiny-gpt2-sst2.png)" in report.read_text()
