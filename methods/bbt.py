@@ -17,7 +17,7 @@ import numpy as np
 
 from harness.errors import HarnessError
 from harness.metrics import score
-from harness.prompting import ProjectionSpec, PromptSpec, projection_std
+from harness.prompting import ProjectionSpec, PromptSpec, project, projection_std
 from methods import register
 from methods.base import Method, MethodConfig
 
@@ -94,8 +94,6 @@ class _BlackBoxPromptSearch(Method):
         """What travels for candidates z [P, slots, d]: z itself, or the prompt vectors A z."""
         if self.config.send == "z":
             return z
-        from harness.prompting import project
-
         return project(self.spec, z, self.ctx.service.hidden_size, self._matrices).numpy()
 
     def evaluate(self, z: np.ndarray) -> tuple[list[float], np.ndarray]:
