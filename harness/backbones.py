@@ -156,8 +156,28 @@ def _convert_embedded(spec: BackboneSpec, target: Path) -> None:
     tmp.rename(target)  # atomic: a half-written cache is never taken for a finished one
 
 
-def load_backbone(name: str, device: str | None = None, dtype: torch.dtype = torch.float32) -> Backbone:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name: str = "auto", device: str | None = None) -> str:
+    """The compute dtype a name stands for: `auto` is bfloat16 on a GPU (float16 where bf16 is missing) and
+    float32 on a CPU, where half precision is slower, not faster."""
+    if name == "auto":
+        if (device or default_device()).startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if name not in DTYPES:
+        raise unknown_name("dtype", name, [*DTYPES, "auto"])
+    return name
+
+
+def load_backbone(name: str, device: str | None = None, dtype: torch.dtype | str = torch.float32) -> Backbone:
     spec = get_spec(name)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     from transformers import AutoTokenizer
 
     if spec.source == "embedded":
@@ -180,8 +200,7 @@ def load_backbone(name: str, device: str | None = None, dtype: torch.dtype = tor
             f"the embedded ones work offline: {', '.join(n for n, s in REGISTRY.items() if s.source == 'embedded')}"
         ) from exc
     identity["revision"] = getattr(model.config, "_commit_hash", None)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
+    model.to(device or default_device()).eval()
     identity.update(
         name=spec.name,
         family=spec.family,

@@ -185,13 +185,46 @@ def run_bench(
     return [reference, default], facts
 
 
+def time_bbtv2_reuse(
+    backbone: Backbone, texts: list[str], label_words: list[str], popsize: int = 20, n_tokens: int = 50,
+    dim: int = 500, probes: int = 3, device: str = "cpu",
+) -> dict:
+    """BBTv2's seconds per API call with and without layer reuse. A BBTv2 generation varies one layer's
+    prompt; one generation is timed for each of `probes` layers spread evenly over the stack (a round visits
+    every layer once, and the cost falls linearly with the layer's depth, so their mean is a round's mean)."""
+    layers = ModelService(backbone).num_layers
+    slots = sorted({int(round(x)) for x in np.linspace(0, layers - 1, probes)})
+    rng = np.random.RandomState(0)
+    base = rng.randn(layers, dim).astype(np.float32)
+    generations = {}
+    for slot in slots:
+        z = np.repeat(base[None], popsize, axis=0)
+        z[:, slot] = rng.randn(popsize, dim)
+        generations[slot] = z
+    timings = {}
+    for reuse in (False, True):
+        service = ModelService(backbone, layer_reuse=reuse)
+        service.configure_prompt(PromptSpec(n_tokens, layers, "add", "z", ProjectionSpec(dim, 0, (0.01,) * layers)))
+        with torch.inference_mode():
+            service.prompted_label_logits(texts, label_words, generations[slots[-1]][:2])  # warm-up
+            per_call = []
+            for slot in slots:
+                _sync(device)
+                start = time.perf_counter()
+                service.prompted_label_logits(texts, label_words, generations[slot])
+                _sync(device)
+                per_call.append((time.perf_counter() - start) / popsize)
+        timings["with" if reuse else "without"] = per_call
+    return {"layers": layers, "slots": slots, **timings}
+
+
 def _float_copy(model):
     import copy
 
     return copy.deepcopy(model).float()
 
 
-def render(results: list[BenchResult], facts: dict, command: str) -> str:
+def render(results: list[BenchResult], facts: dict, command: str, bbtv2: dict | None = None) -> str:
     reference, default = results
     lines = [
         "# BBT per-call cost: reference-style loop vs the default path",
@@ -214,6 +247,21 @@ def render(results: list[BenchResult], facts: dict, command: str) -> str:
             f"{r.floor_seconds:.2f} | {100 * r.floor_fraction:.1f}% |"
         )
     lines += ["", f"Speed-up of the default path per API call: **{default.calls_per_second / reference.calls_per_second:.2f}×**."]
+    if bbtv2:
+        without, with_ = np.mean(bbtv2["without"]), np.mean(bbtv2["with"])
+        lines += [
+            "",
+            "## BBTv2: per-call cost with and without layer reuse",
+            "",
+            f"Deep prompts at all {bbtv2['layers']} layers; one generation varies one layer's prompt, so the layers "
+            "below it are computed once and reused by the whole generation. Same device, same run.",
+            "",
+            "| layer varied | s per call without reuse | s per call with reuse | speed-up |",
+            "|---|---|---|---|",
+        ]
+        for slot, a, b in zip(bbtv2["slots"], bbtv2["without"], bbtv2["with"]):
+            lines.append(f"| {slot} | {a:.3f} | {b:.3f} | {a / b:.2f}× |")
+        lines += [f"| mean (≈ a round) | {without:.3f} | {with_:.3f} | **{without / with_:.2f}×** |"]
     return "\n".join(lines) + "\n"
 
 
@@ -234,10 +282,10 @@ def bench_command(args) -> str:
     prompt = PromptFormat(card, backbone.family, mask_string(backbone.tokenizer, backbone.family))
     if args.calls % 20:
         raise HarnessError("--calls must be a multiple of the popsize (20)")
-    results, facts = run_bench(
-        backbone, prompt.render_all(split.train), prompt.label_words, args.calls, args.reference_calls, device=device
-    )
-    text = render(results, facts, "harness " + " ".join(args.argv))
+    texts = prompt.render_all(split.train)
+    results, facts = run_bench(backbone, texts, prompt.label_words, args.calls, args.reference_calls, device=device)
+    bbtv2 = time_bbtv2_reuse(backbone, texts, prompt.label_words, device=device) if args.bbtv2 else None
+    text = render(results, facts, "harness " + " ".join(args.argv), bbtv2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)

@@ -7,7 +7,7 @@ import logging
 import sys
 from dataclasses import replace
 
-from harness.backbones import DEFAULT_BACKBONE, REGISTRY, get_spec
+from harness.backbones import DEFAULT_BACKBONE, DTYPES, REGISTRY, get_spec, resolve_dtype
 from harness.check import DEFAULT_CONFIG, run_checks
 from harness.errors import HarnessError, unknown_name
 from harness.profiles import PROFILES, default_profile, get_profile
@@ -46,15 +46,16 @@ def cmd_run(args) -> int:
     tasks = _names(args.datasets, cards, "task")
     get_spec(args.backbone)
     seeds = _seeds(args.seeds, profile)
+    dtype = resolve_dtype(args.dtype)
     log.info("profile %s: %s", profile.name, profile.description)
-    log.info("backbone %s; methods %s; tasks %s; seeds %s", args.backbone, methods, tasks, seeds)
+    log.info("backbone %s (%s); methods %s; tasks %s; seeds %s", args.backbone, dtype, methods, tasks, seeds)
     store = ResultsStore(args.results_dir)
-    specs = expand(methods, tasks, seeds, args.backbone, profile)
-    summary = run_grid(specs, cards, profile, store, args.data_dir)
+    specs = expand(methods, tasks, seeds, args.backbone, profile, dtype)
+    options = {"bucketing": args.bucketing, "layer_reuse": args.layer_reuse}
+    summary = run_grid(specs, cards, profile, store, args.data_dir, options)
     report = write_report(store.records(), args.report)
-    log.info("ran %d, skipped %d (finished before), failed %d", len(summary.ran), len(summary.skipped), len(summary.failed))
-    for label, error in summary.failed:
-        log.error("failed: %s: %s", label, error)
+    for line in summary.lines():
+        log.info("%s", line)
     log.info("results: %s; report: %s", store.path, report)
     return 1 if summary.failed else 0
 
@@ -120,6 +121,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", help="paper | quick (default: paper with a GPU, quick without)")
     run.add_argument("--eval-cap", type=int, help="score at most N eval rows per task, stratified (0: all)")
     run.add_argument("--data-dir", help="local task data laid out like shared/data (else HARNESS_DATA_DIR, else the hub)")
+    run.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                     help="compute dtype (default auto: bfloat16 on a GPU, float32 on a CPU)")
+    run.add_argument("--no-bucketing", dest="bucketing", action="store_false",
+                     help="prompted queries: one padded forward instead of forwards by similar length")
+    run.add_argument("--no-layer-reuse", dest="layer_reuse", action="store_false",
+                     help="BBTv2: compute every layer for every candidate instead of reusing the shared lower layers")
     common(run)
     run.set_defaults(func=cmd_run)
 
@@ -141,6 +148,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--calls", type=int, default=100, help="API calls on the default path (a multiple of 20)")
     bench.add_argument("--reference-calls", type=int, default=10, help="API calls on the reference-style loop")
     bench.add_argument("--seed", type=int, default=42)
+    bench.add_argument("--no-bbtv2", dest="bbtv2", action="store_false", help="skip BBTv2's layer-reuse timing")
     bench.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     bench.add_argument("--data-dir")
     bench.add_argument("--out", default="reports/performance.md")
@@ -152,8 +160,18 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _quiet_libraries() -> None:
+    """The libraries' own progress bars (data files, weight loading) would bury the grid's log."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    _quiet_libraries()
     args = parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:

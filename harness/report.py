@@ -27,6 +27,7 @@ def load_frame(records: list[dict]) -> pd.DataFrame:
                 "task": r["task"],
                 "seed": r["seed"],
                 "backbone": r["backbone"],
+                "dtype": r["spec"].get("dtype", "float32"),
                 "profile": r["profile"],
                 "group": r["group"],
                 "score": r["metrics"]["score"],
@@ -47,6 +48,7 @@ def load_frame(records: list[dict]) -> pd.DataFrame:
                 "caveats": r["split"]["caveats"],
                 "versions": r["versions"],
                 "trained": (r.get("trace") or {}).get("trained") if r["group"] == "gradient-based" else None,
+                "calls": (r.get("trace") or {}).get("calls") if r["method"] in BLACK_BOX_SEARCH else None,
             }
         )
     return pd.DataFrame(rows)
@@ -156,7 +158,7 @@ def cost_table(frame: pd.DataFrame, tasks=("sst2", "agnews")) -> str:
 def provenance(frame: pd.DataFrame) -> str:
     lines = [
         f"- backbone: {', '.join(sorted(frame['backbone'].unique()))}",
-        f"- device: {', '.join(sorted(frame['device'].unique()))}",
+        f"- device: {', '.join(sorted(frame['device'].unique()))}; compute dtype: {', '.join(sorted(frame['dtype'].unique()))}",
         f"- profile: {', '.join(sorted(frame['profile'].unique()))}",
         f"- runs: {len(frame)} ({frame['method'].nunique()} methods × {frame['task'].nunique()} tasks, seeds "
         f"{', '.join(str(s) for s in sorted(frame['seed'].unique()))})",
@@ -181,6 +183,30 @@ def part_trained(frame: pd.DataFrame) -> dict[str, str]:
         return {}
     known = frame.dropna(subset=["trained"])
     return {m: "; ".join(sorted(set(part["trained"]))) for m, part in known.groupby("method", sort=False)}
+
+
+BLACK_BOX_SEARCH = ("bbt", "bbtv2")
+
+
+def versatility_table(frame: pd.DataFrame) -> str | None:
+    """BBT and BBTv2 on every backbone run (the BBTv2 paper's versatility table): backbone x method rows."""
+    part = frame[frame["method"].isin(BLACK_BOX_SEARCH)]
+    if part.empty:
+        return None
+    tasks = _ordered_tasks(part["task"])
+    rows = []
+    for (backbone, method), runs in sorted(part.groupby(["backbone", "method"])):
+        row = {"backbone": backbone, "method": method}
+        means = []
+        for task in tasks:
+            scores = runs[runs["task"] == task]["score"]
+            row[task] = _cell(scores) if len(scores) else "–"
+            if len(scores):
+                means.append(scores.mean())
+        row["avg"] = f"{sum(means) / len(means):.2f}" + ("" if len(means) == len(tasks) else f" ({len(means)} tasks)")
+        row["budget (calls)"] = ", ".join(str(int(c)) for c in sorted(runs["calls"].dropna().unique()))
+        rows.append(row)
+    return pd.DataFrame(rows).to_markdown(index=False)
 
 
 PAPER = Path(__file__).resolve().parent / "paper_results.yaml"
@@ -228,6 +254,10 @@ def render(records: list[dict]) -> str:
             "### Beside the published numbers",
             side_by_side(part),
         ]
+    for profile, part in frame.groupby("profile"):
+        table = versatility_table(part)
+        if table:
+            sections += [f"## Versatility: BBT and BBTv2 across backbones, profile `{profile}`", table]
     return "\n\n".join(sections) + "\n"
 
 

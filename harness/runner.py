@@ -12,15 +12,18 @@ import traceback
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 
 from harness.backbones import Backbone, load_backbone
+from harness.checkpoint import Checkpoint
 from harness.data import FewShotSplit, TaskData, load_task_data, make_split
 from harness.errors import HarnessError
 from harness.meters import measure
 from harness.metrics import score
 from harness.profiles import Profile
+from harness.progress import GridProgress, RunProgress, duration
 from harness.prompts import PromptFormat
 from harness.scoring import mask_string
 from harness.service import ModelService
@@ -52,7 +55,9 @@ def method_config(method: str, profile: Profile, overrides: dict | None = None):
     return cls(**values)
 
 
-def expand(methods: list[str], tasks: list[str], seeds: list[int], backbone: str, profile: Profile) -> list[RunSpec]:
+def expand(
+    methods: list[str], tasks: list[str], seeds: list[int], backbone: str, profile: Profile, dtype: str = "float32"
+) -> list[RunSpec]:
     specs = []
     for method in methods:
         config = asdict(method_config(method, profile))
@@ -60,7 +65,7 @@ def expand(methods: list[str], tasks: list[str], seeds: list[int], backbone: str
         method_seeds = seeds if get_method(method).uses_train else seeds[:1]
         for task in tasks:
             for seed in method_seeds:
-                specs.append(RunSpec(method, task, seed, backbone, profile.k_shot, profile.eval_cap, config))
+                specs.append(RunSpec(method, task, seed, backbone, profile.k_shot, profile.eval_cap, config, dtype))
     return specs
 
 
@@ -69,17 +74,34 @@ class GridSummary:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    scores: list[tuple[str, str, float, float]] = field(default_factory=list)  # label, metric, score, wall s
+
+    def lines(self) -> list[str]:
+        """The end-of-grid summary: what ran (with scores), what was skipped, what failed and why."""
+        out = [f"ran {len(self.ran)}, skipped {len(self.skipped)} (finished before), failed {len(self.failed)}"]
+        out += [f"  ran     {label}: {metric} {value:.2f} ({duration(wall)})" for label, metric, value, wall in self.scores]
+        out += [f"  skipped {label}" for label in self.skipped]
+        out += [f"  FAILED  {label}: {error}" for label, error in self.failed]
+        return out
 
 
 def run_one(
-    spec: RunSpec, card: TaskCard, data: TaskData, split: FewShotSplit, backbone: Backbone, profile: Profile
+    spec: RunSpec, card: TaskCard, data: TaskData, split: FewShotSplit, backbone: Backbone, profile: Profile,
+    checkpoint_dir: Path | None = None, progress: RunProgress | None = None, service_options: dict | None = None,
 ) -> dict:
     cls = get_method(spec.method)
     config = cls.config_class(**spec.config)
-    service = ModelService(backbone) if cls.as_a_service else None
+    service = ModelService(backbone, **(service_options or {})) if cls.as_a_service else None
     prompt = PromptFormat(card, backbone.family, mask_string(backbone.tokenizer, backbone.family))
+    checkpoint = None
+    if checkpoint_dir is not None:
+        checkpoint = Checkpoint(checkpoint_dir / f"{spec.run_id}.pkl", service.meter if service else None)
     # black-box methods get the service only; gradient methods own the model
-    ctx = RunContext(card, prompt, spec.seed, service=service, backbone=None if cls.as_a_service else backbone)
+    backbone_for_method = None if cls.as_a_service else backbone
+    ctx = RunContext(
+        card, prompt, spec.seed, service=service, backbone=backbone_for_method, checkpoint=checkpoint,
+        dtype=spec.dtype, progress=progress or RunProgress(),
+    )
     method = cls(config, ctx)
     started = time.time()
     train_phase = service.phase("train") if service else nullcontext()
@@ -94,6 +116,10 @@ def run_one(
     finally:
         method.close()  # the backbone is shared by the next run: a method undoes its changes, even on failure
     meters["user_tensor_mb"] = method.user_tensor_bytes() / 2**20
+    if checkpoint is not None and checkpoint.resumed_at:  # the time of the interrupted attempts counts too
+        meters["wall_s"] += checkpoint.earlier_s
+        meters["fit_s"] += checkpoint.earlier_s
+        meters["resumed_at_calls"] = checkpoint.resumed_at
     gold = np.array([e["label"] for e in split.eval])
     return {
         "run_id": spec.run_id,
@@ -144,7 +170,10 @@ def run_grid(
     profile: Profile,
     store: ResultsStore,
     data_dir: str | None = None,
+    service_options: dict | None = None,
 ) -> GridSummary:
+    """Runs the specs not yet finished in `store`. `service_options` switch the service's speed-ups
+    (ModelService's bucketing, layer_reuse); they change time, not results, so they are not part of a spec."""
     summary = GridSummary()
     finished = store.finished_ids()
     pending = []
@@ -158,24 +187,37 @@ def run_grid(
         return summary
     # load every task's data first: a missing data dir fails before any compute is spent
     data = {task: load_task_data(cards[task], data_dir) for task in sorted({s.task for s in pending})}
-    backbone = load_backbone(pending[0].backbone)
-    for index, spec in enumerate(pending, 1):
-        if spec.backbone != backbone.name:
-            backbone = load_backbone(spec.backbone)
-        log.info("[%d/%d] %s", index, len(pending), spec.label())
+    backbone, loaded = None, None
+    progress = GridProgress(len(pending))
+    for spec in pending:
+        # black-box methods are served in the run's dtype; gradient methods keep float32 weights and compute in
+        # it under autocast (half-precision weights would swallow small optimizer updates)
+        wanted = (spec.backbone, spec.dtype if get_method(spec.method).as_a_service else "float32")
+        if wanted != loaded:
+            backbone, loaded = None, None  # let the previous copy go before the next loads
+            backbone, loaded = load_backbone(spec.backbone, dtype=wanted[1]), wanted
+        run = progress.start(spec.label())
         split = make_split(cards[spec.task], data[spec.task], spec.k_shot, spec.seed, spec.eval_cap)
         try:
-            record = run_one(spec, cards[spec.task], data[spec.task], split, backbone, profile)
+            record = run_one(
+                spec, cards[spec.task], data[spec.task], split, backbone, profile, store.checkpoints, run, service_options
+            )
         except HarnessError:
+            progress.close()
             raise  # a configuration error would fail every run alike: stop and say so
         except Exception as exc:
+            progress.finish(run)
             log.error("%s failed: %s", spec.label(), exc)
             store.append({"run_id": spec.run_id, "status": "failed", "spec": asdict(spec), "error": traceback.format_exc()})
             summary.failed.append((spec.label(), f"{type(exc).__name__}: {exc}"))
             continue
+        progress.finish(run)
         store.append(record)
+        (store.checkpoints / f"{spec.run_id}.pkl").unlink(missing_ok=True)
         summary.ran.append(spec.label())
+        summary.scores.append((spec.label(), record["metric"], record["metrics"]["score"], record["meters"]["wall_s"]))
         log.info(
-            "    %s = %.2f  (%.1f s)", record["metric"], record["metrics"]["score"], record["meters"]["wall_s"]
+            "    %s = %.2f  (%s)", record["metric"], record["metrics"]["score"], duration(record["meters"]["wall_s"])
         )
+    progress.close()
     return summary

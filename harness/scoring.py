@@ -81,6 +81,60 @@ class PromptBatch:
         """Slot vectors repeated for each of the n examples: [P * n, n_tokens, hidden]."""
         return self.vectors[:, slot].repeat_interleave(n, dim=0)
 
+    def head(self, k: int) -> "PromptBatch":
+        return PromptBatch(self.vectors[:k], self.placeholders)
+
+    def shared_slots(self) -> int:
+        """How many leading slots hold the same vectors for every candidate (BBTv2 varies one slot at a time)."""
+        same = (self.vectors == self.vectors[:1]).flatten(2).all(dim=2).all(dim=0)
+        return int(same.int().cumprod(0).sum())
+
+
+class _Stop(Exception):
+    """Raised by a capture hook: the layers above it are not needed."""
+
+
+def _capture_output(layer: torch.nn.Module, forward) -> object:
+    """Run forward() only as far as `layer` and return what the layer returned."""
+    seen = []
+
+    def hook(module, args, output):
+        seen.append(output)
+        raise _Stop
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        forward()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise HarnessError(f"the forward never reached {type(layer).__name__}")
+    return seen[0]
+
+
+def _tile(output, times: int, n: int):
+    """A layer's output for n rows, repeated for `times` candidates (candidate-major); tensors that are not
+    per-row (a broadcast bias) stay as they are."""
+    if isinstance(output, torch.Tensor):
+        return output.repeat(times, *[1] * (output.dim() - 1)) if output.dim() and output.shape[0] == n else output
+    if isinstance(output, (tuple, list)):
+        return type(output)(_tile(o, times, n) for o in output)
+    return output
+
+
+@contextmanager
+def _replaced(layers, output):
+    """The given layers return `output` without computing: their work was done once, for all candidates."""
+    for layer in layers:
+        layer.forward = lambda *args, **kwargs: output
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
 
 def transformer_layers(model) -> torch.nn.ModuleList:
     """The stack of transformer layers that deep prompts enter (the encoder's, for encoder-decoders)."""
@@ -147,6 +201,7 @@ class Scorer:
         self.device = next(model.parameters()).device
         first = tokenizer("a").input_ids[0]
         self.insert_at = 1 if first in tokenizer.all_special_ids else 0  # prompts go after <s>/[CLS]/<bos>
+        self.lead_ids = [first] if self.insert_at else []
 
     def encode(self, texts: list[str]) -> Encoded:
         self.tokenizer.padding_side = "right"
@@ -183,6 +238,31 @@ class Scorer:
             return self._soft_label_logits(enc, label_ids, soft)
         if soft is not None:
             raise HarnessError("a query takes black-box prompt candidates or trainable soft inputs, not both")
+        return self.prompted_label_logits([enc], label_ids, prompt, reuse=False)[0]
+
+    def prompted_label_logits(
+        self, buckets: list[Encoded], label_ids: list[int], prompt: PromptBatch, reuse: bool = True
+    ) -> list[torch.Tensor]:
+        """[P * N_b, labels] (candidate-major) for each bucket of examples, P prompt candidates.
+
+        With `reuse`, layers below the first slot in which the candidates differ run once, for one candidate,
+        and their output is repeated for all (BBTv2 changes one layer's prompt per generation)."""
+        shared = prompt.shared_slots() if reuse else 0
+        return [
+            self._reusing(shared, prompt, enc.input_ids.shape[0], lambda batch, enc=enc: self._prompted_forward(enc, label_ids, batch))
+            for enc in buckets
+        ]
+
+    def _reusing(self, shared: int, prompt: PromptBatch, n: int, forward) -> torch.Tensor:
+        """forward(prompt), with the output of layers below `shared` computed for the first candidate only."""
+        if shared == 0 or prompt.size == 1:
+            return forward(prompt)
+        layers = transformer_layers(self.model)
+        below = _capture_output(layers[shared - 1], lambda: forward(prompt.head(1)))
+        with _replaced(layers[:shared], _tile(below, prompt.size, n)):
+            return forward(prompt)
+
+    def _prompted_forward(self, enc: Encoded, label_ids: list[int], prompt: PromptBatch) -> torch.Tensor:
         embeds, mask, tiled = self.prompted_inputs(enc, prompt)
         with self.deep_prompts(prompt, enc.input_ids.shape[0]):
             read_at = self._shift(tiled.read_at, prompt.n_tokens)
@@ -317,29 +397,47 @@ class CausalScorer(Scorer):
     def _soft_label_logits(self, enc, label_ids, soft):
         return _restricted_head(self.model, self._body_hidden(enc, soft), label_ids)
 
-    def forward_label_logits(self, enc, label_ids, prompt=None, soft=None):
-        """With a prompt, a causal LM's prompt positions cannot attend to the examples after them, so their keys
-        and values depend on the candidate only: compute them once per candidate ([<bos>] + prompt, with the
-        deep slots applied), repeat that cache for the N examples, and run only the example tokens on top."""
-        if prompt is None or soft is not None or not self.share_prefix:
-            return super().forward_label_logits(enc, label_ids, prompt, soft)
+    def prompted_label_logits(self, buckets, label_ids, prompt, reuse=True):
+        """A causal LM's prompt positions cannot attend to the examples after them, so their keys and values
+        depend on the candidate only: compute them once per candidate ([<bos>] + prompt, with the deep slots
+        applied), repeat that cache for each bucket's examples, and run only the example tokens on top."""
+        if not self.share_prefix:
+            return super().prompted_label_logits(buckets, label_ids, prompt, reuse)
+        shared = prompt.shared_slots() if reuse else 0
+        caches = {prompt.size: self._prefix_cache(prompt)}
+        if shared and prompt.size > 1:
+            caches[1] = self._prefix_cache(prompt.head(1))
+        out = []
+        for enc in buckets:
+            forward = lambda batch, enc=enc: self._on_prefix(enc, label_ids, batch, caches[batch.size])  # noqa: E731
+            out.append(self._reusing(shared, prompt, enc.input_ids.shape[0], forward))
+        return out
+
+    def _prefix_cache(self, prompt: PromptBatch):
         from transformers import DynamicCache
 
-        n, at, width = enc.input_ids.shape[0], self.insert_at, prompt.n_tokens
-        body = self.model.base_model
         embed = self.model.get_input_embeddings()
         first = prompt.vectors[:, 0]
         if prompt.placeholders is not None:
             first = first + prompt.placeholders
-        head = embed(enc.input_ids[:1, :at]).expand(prompt.size, at, -1)  # the shared <bos>, if any
-        prefix = torch.cat([head, first.to(head.dtype)], dim=1)
+        lead = torch.tensor([self.lead_ids], dtype=torch.long, device=self.device).view(1, -1)
+        head = embed(lead).expand(prompt.size, self.insert_at, -1)  # the shared <bos>, if any
         cache = DynamicCache(config=self.model.config)
         with self.deep_prompts(prompt, 1):
-            body(inputs_embeds=prefix, cache=cache, use_cache=True)
-        cache.batch_repeat_interleave(n)
+            self.model.base_model(inputs_embeds=torch.cat([head, first.to(head.dtype)], dim=1), cache=cache, use_cache=True)
+        return cache
+
+    def _on_prefix(self, enc: Encoded, label_ids, prompt: PromptBatch, prefix) -> torch.Tensor:
+        """The examples run on a copy of the candidates' prefix cache (the forward appends to it)."""
+        import copy
+
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(enc.input_ids.shape[0])
         tiled = enc.tile(prompt.size)
-        ones = torch.ones(tiled.input_ids.shape[0], at + width, dtype=tiled.attention_mask.dtype, device=self.device)
+        at = self.insert_at
+        ones = torch.ones(tiled.input_ids.shape[0], at + prompt.n_tokens, dtype=tiled.attention_mask.dtype, device=self.device)
         mask = torch.cat([ones, tiled.attention_mask[:, at:]], dim=1)
+        body = self.model.base_model
         hidden = body(input_ids=tiled.input_ids[:, at:], attention_mask=mask, cache=cache, use_cache=True).last_hidden_state
         return _restricted_head(self.model, self._rows(hidden, tiled.read_at - at), label_ids)
 

@@ -58,10 +58,41 @@ def array_bytes(array: np.ndarray) -> int:
     return int(np.asarray(array, dtype=np.float32).nbytes)
 
 
+def length_buckets(lengths: list[int], most: int = 4, overhead: float = 0.05) -> list[list[int]]:
+    """Indices grouped into at most `most` runs of similar length, minimising padded tokens plus, per extra
+    forward, `overhead` x the single-forward padded tokens (each forward has a fixed cost)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sorted_lengths = [lengths[i] for i in order]
+    n = len(order)
+    if n == 0:
+        return []
+    single = n * sorted_lengths[-1]
+    # cost[k][j]: fewest padded tokens for the first j sorted items in k groups; the group i..j-1 pads to its last
+    inf = float("inf")
+    cost = [[inf] * (n + 1) for _ in range(most + 1)]
+    cut = [[0] * (n + 1) for _ in range(most + 1)]
+    cost[0][0] = 0
+    for k in range(1, most + 1):
+        for j in range(1, n + 1):
+            for i in range(k - 1, j):
+                c = cost[k - 1][i] + (j - i) * sorted_lengths[j - 1]
+                if c < cost[k][j]:
+                    cost[k][j], cut[k][j] = c, i
+    best = min(range(1, most + 1), key=lambda k: cost[k][n] + (k - 1) * overhead * single)
+    groups, j = [], n
+    for k in range(best, 0, -1):
+        i = cut[k][j]
+        groups.append(order[i:j])
+        j = i
+    return [g for g in reversed(groups) if g]
+
+
 class ModelService:
     """Server side: holds the backbone; a method sees only this object's public methods."""
 
-    def __init__(self, backbone: Backbone, max_batch: int = 64, max_tokens: int = 65536):
+    def __init__(
+        self, backbone: Backbone, max_batch: int = 64, max_tokens: int = 65536, bucketing: bool = True, layer_reuse: bool = True
+    ):
         self._backbone = backbone
         self._scorer = make_scorer(backbone)
         self._label_ids: dict[tuple[str, ...], list[int]] = {}
@@ -69,6 +100,11 @@ class ModelService:
         # forward for prompted ones (a generation of candidates is split into as few forwards as fit)
         self.max_batch = max_batch
         self.max_tokens = max_tokens
+        # prompted queries: group examples of similar length into separate forwards (less padding), and let
+        # BBTv2's candidates share the layers below the one they differ in (see Scorer.prompted_label_logits)
+        self.bucketing = bucketing
+        self.layer_reuse = layer_reuse
+        self._bucket_cache: dict[tuple[str, ...], tuple] = {}
         self.meter = QueryMeter()
         self._prompt: PromptSpec | None = None
         self._projections: dict = {}
@@ -153,26 +189,40 @@ class ModelService:
             vectors = torch.as_tensor(sent).view(-1, spec.slots, spec.n_tokens, hidden)
         ids = self._ids(label_words)
         model = self._backbone.model
+        dtype = next(model.parameters()).dtype
         placeholders = None
         if spec.mode == "add":
             table = model.get_input_embeddings()
             tokens = placeholder_ids(spec, table.weight.shape[0])
             placeholders = table(torch.tensor(tokens, device=self._scorer.device))
-        enc = self._scorer.encode(texts)
-        n = len(texts)
-        rows = n * (enc.input_ids.shape[1] + spec.n_tokens)
-        per_forward = 1 if sequential else max(1, self.max_tokens // rows)
-        out = []
+        groups, encs = self._encoded_buckets(texts)
+        widest = max(len(g) * (e.input_ids.shape[1] + spec.n_tokens) for g, e in zip(groups, encs))
+        per_forward = 1 if sequential else max(1, self.max_tokens // widest)
+        logits = torch.zeros(vectors.shape[0], len(texts), len(ids))
         with torch.inference_mode():
             for start in range(0, vectors.shape[0], per_forward):
-                batch = PromptBatch(vectors[start : start + per_forward].to(self._scorer.device), placeholders)
-                logits = self._scorer.forward_label_logits(enc, ids, batch)
-                out.append(logits.float().cpu().view(batch.size, n, len(ids)))
-        logits = torch.cat(out).numpy()
+                batch = PromptBatch(vectors[start : start + per_forward].to(self._scorer.device, dtype), placeholders)
+                outs = self._scorer.prompted_label_logits(encs, ids, batch, reuse=self.layer_reuse and not sequential)
+                for group, out in zip(groups, outs):
+                    logits[start : start + batch.size, group] = out.float().cpu().view(batch.size, len(group), len(ids))
+        logits = logits.numpy()
         per_query_upload = text_bytes(texts) + text_bytes(label_words) + array_bytes(sent[0])
         for candidate in logits:
             self.meter.record(per_query_upload, array_bytes(candidate))
         return logits
+
+    def _encoded_buckets(self, texts: list[str]) -> tuple[list[list[int]], list]:
+        """The examples' groups and their encodings; a method sends the same train set every generation, so
+        the last few are kept."""
+        key = tuple(texts)
+        if key not in self._bucket_cache:
+            groups = [list(range(len(texts)))]
+            if self.bucketing:
+                groups = length_buckets(self._scorer.encode(texts).attention_mask.sum(dim=1).tolist())
+            if len(self._bucket_cache) >= 4:
+                self._bucket_cache.pop(next(iter(self._bucket_cache)))
+            self._bucket_cache[key] = groups, [self._scorer.encode([texts[i] for i in g]) for g in groups]
+        return self._bucket_cache[key]
 
     def features(self, texts: list[str], kind: str = "pooled"):
         """One query: the backbone's final hidden states (pooling per family: see harness/features.py).

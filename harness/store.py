@@ -28,6 +28,7 @@ class RunSpec:
     k_shot: int
     eval_cap: int | None
     config: dict = field(hash=False)
+    dtype: str = "float32"  # the forward's compute dtype (bf16 on a GPU by default)
 
     @property
     def config_hash(self) -> str:
@@ -45,6 +46,7 @@ class ResultsStore:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.path = self.folder / "results.jsonl"
+        self.checkpoints = self.folder / "checkpoints"  # mid-run state of long runs (harness/checkpoint.py)
 
     def records(self) -> list[dict]:
         if not self.path.exists():

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import HarnessError
+from harness.progress import RunProgress
 
 
 @dataclass
@@ -54,9 +55,11 @@ class Trainer:
         metric: Callable[[np.ndarray, np.ndarray], float],
         seed: int,
         decay_filter: Callable[[str], bool] = lambda name: True,
+        progress: RunProgress | None = None,
     ):
         if not params:
             raise HarnessError("the method has no trainable parameters")
+        self.progress = progress or RunProgress()
         if settings.steps < 1 or settings.batch_size < 1 or settings.eval_every < 1:
             raise HarnessError(f"steps, batch_size and eval_every must be positive: {settings}")
         self.settings = settings
@@ -96,6 +99,7 @@ class Trainer:
         best = None  # (metric, -loss, step)
         best_state = None
         started = time.perf_counter()
+        self.progress.total(s.steps, "step")
         for step in range(1, s.steps + 1):
             index = next(stream)
             self.set_training(True)
@@ -110,6 +114,7 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             losses.append(round(loss.item(), 6))
+            self.progress.advance()
             if step % s.eval_every == 0 or step == s.steps:
                 score, dev_loss = self.evaluate(dev_texts, dev_labels)
                 evals.append({"step": step, "dev_score": score, "dev_loss": round(dev_loss, 6)})

@@ -7,13 +7,15 @@ receive `ctx.backbone` and own the model. Each declares its cost-table flags.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
 
 from harness.backbones import Backbone
+from harness.checkpoint import Checkpoint
 from harness.data import Example
+from harness.progress import RunProgress
 from harness.prompts import PromptFormat
 from harness.service import ModelService
 from harness.tasks import TaskCard
@@ -26,6 +28,9 @@ class RunContext:
     seed: int
     service: ModelService | None = None  # black-box methods
     backbone: Backbone | None = None  # gradient methods only
+    checkpoint: Checkpoint | None = None  # where a long method saves its state to resume after a crash
+    dtype: str = "float32"  # compute dtype; gradient methods run their forward under autocast when it is not float32
+    progress: RunProgress = field(default_factory=RunProgress)  # a method with a loop reports its progress here
 
 
 @dataclass

@@ -147,6 +147,21 @@ class _BlackBoxPromptSearch(Method):
             self._best_dev = (metric, loss)
             self.best_z = z.copy()
 
+    def _save(self, loop: dict) -> None:
+        """Checkpoint after a dev check: the loop's state plus what every run of this class keeps."""
+        if self.ctx.checkpoint is not None:
+            kept = {"calls": self.calls, "trace": self._trace, "best_dev": self._best_dev, "best_z": self.best_z}
+            self.ctx.checkpoint.save({**loop, **kept})
+
+    def _resume(self) -> dict | None:
+        """The loop's state from an interrupted attempt of this run, if one was saved."""
+        state = self.ctx.checkpoint.load() if self.ctx.checkpoint is not None else None
+        if state is not None:
+            self.calls, self._trace, self._best_dev, self.best_z = (
+                state.pop("calls"), state.pop("trace"), state.pop("best_dev"), state.pop("best_z"))
+            log.info("    %s resumes at %d calls", self.name, self.calls)
+        return state
+
     def _due(self, previous_calls: int) -> bool:
         every = self.config.eval_every
         return self.calls // every > previous_calls // every
@@ -180,19 +195,23 @@ class BBT(_BlackBoxPromptSearch):
 
     def fit(self, train, dev):
         self._setup(train, dev)
-        es = self._strategy(0)
-        best_loss, best_logits = np.inf, None
+        state = self._resume() or {"es": self._strategy(0), "best_loss": np.inf, "best_logits": None}
+        es = state["es"]
+        self.ctx.progress.total(self.config.budget // self.config.popsize * self.config.popsize, "call")
+        self.ctx.progress.advance(self.calls)
         while self.calls + self.config.popsize <= self.config.budget:
             before = self.calls
             z = np.asarray(es.ask())
             losses, logits = self.evaluate(z[:, None, :])
+            self.ctx.progress.advance(len(z))
             es.tell(list(z), losses)
             i = int(np.argmin(losses))
-            if losses[i] < best_loss:
-                best_loss, best_logits = losses[i], logits[i]
-            self._record_train(best_loss, best_logits)
+            if losses[i] < state["best_loss"]:
+                state.update(best_loss=losses[i], best_logits=logits[i])
+            self._record_train(state["best_loss"], state["best_logits"])
             if self._due(before):
                 self._dev_check(np.asarray(es.result.xfavorite)[None, :])  # pycma's incumbent: the mean
+                self._save(state)
         self._final_check(np.asarray(es.result.xfavorite)[None, :])
 
 
@@ -204,28 +223,37 @@ class BBTv2(_BlackBoxPromptSearch):
     def fit(self, train, dev):
         self._setup(train, dev)
         cfg = self.config
-        strategies = [self._strategy(slot) for slot in range(self.slots)]
         rounds = cfg.rounds or cfg.budget // (cfg.popsize * self.slots)
         if rounds == 0:
             raise HarnessError(
                 f"bbtv2: a budget of {cfg.budget} calls cannot give one round over {self.slots} layers "
                 f"({cfg.popsize * self.slots} calls); raise it"
             )
-        incumbent = np.zeros((self.slots, cfg.intrinsic_dim))  # other layers stay frozen at their best
-        best_loss, best_logits = np.inf, None
-        for _ in range(rounds):
-            for slot, es in enumerate(strategies):
-                before = self.calls
-                z = np.asarray(es.ask())
-                candidates = np.repeat(incumbent[None], len(z), axis=0)
-                candidates[:, slot] = z
-                losses, logits = self.evaluate(candidates)
-                es.tell(list(z), losses)
-                i = int(np.argmin(losses))
-                if losses[i] < best_loss:
-                    best_loss, best_logits = losses[i], logits[i]
-                    incumbent[slot] = z[i]
-                self._record_train(best_loss, best_logits)
-                if self._due(before):
-                    self._dev_check(incumbent)
+        state = self._resume() or {
+            "strategies": [self._strategy(slot) for slot in range(self.slots)],
+            "incumbent": np.zeros((self.slots, cfg.intrinsic_dim)),  # other layers stay frozen at their best
+            "best_loss": np.inf,
+            "best_logits": None,
+            "step": 0,  # round * layers + layer: the next generation to run
+        }
+        incumbent = state["incumbent"]
+        self.ctx.progress.total(rounds * self.slots * cfg.popsize, "call")
+        self.ctx.progress.advance(self.calls)
+        for step in range(state["step"], rounds * self.slots):
+            slot, es = step % self.slots, state["strategies"][step % self.slots]
+            before = self.calls
+            z = np.asarray(es.ask())
+            candidates = np.repeat(incumbent[None], len(z), axis=0)
+            candidates[:, slot] = z
+            losses, logits = self.evaluate(candidates)
+            self.ctx.progress.advance(len(z))
+            es.tell(list(z), losses)
+            i = int(np.argmin(losses))
+            if losses[i] < state["best_loss"]:
+                state.update(best_loss=losses[i], best_logits=logits[i])
+                incumbent[slot] = z[i]
+            self._record_train(state["best_loss"], state["best_logits"])
+            if self._due(before):
+                self._dev_check(incumbent)
+                self._save({**state, "step": step + 1})
         self._final_check(incumbent)

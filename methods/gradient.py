@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness.backbones import DTYPES
 from harness.errors import HarnessError
 from harness.metrics import score
 from harness.scoring import label_token_ids, make_scorer
@@ -102,6 +103,7 @@ class GradientMethod(Method):
             metric=lambda gold, pred: score(card, gold, pred)["score"],
             seed=self.ctx.seed,
             decay_filter=lambda name: not _no_decay(name),
+            progress=self.ctx.progress,
         )
 
     def fit(self, train, dev):
@@ -136,7 +138,9 @@ class GradientMethod(Method):
         return {"trained": self.trained, "tunable_parameters": self._tunable, **self._trace}
 
     def _forward(self, texts: list[str]) -> torch.Tensor:
-        return self._scorer.forward_label_logits(self._scorer.encode(texts), self._label_ids, soft=self.soft)
+        dtype = self.ctx.dtype
+        with torch.autocast(self._scorer.device.type, dtype=DTYPES[dtype], enabled=dtype != "float32"):
+            return self._scorer.forward_label_logits(self._scorer.encode(texts), self._label_ids, soft=self.soft)
 
     def _set_training(self, flag: bool) -> None:
         self.model.train(flag)

@@ -159,8 +159,10 @@ class FeatureProbe(Method):
                 self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
             )
             best_key = None
+            self.ctx.progress.total(self.config.epochs, "epoch")
             for epoch in range(1, self.config.epochs + 1):
                 loss = self.train_epoch(x_train, y_train)
+                self.ctx.progress.advance()
                 dev_logits = self.logits(x_dev)
                 dev_loss = float(F.cross_entropy(dev_logits, torch.as_tensor(gold_dev, device=dev_logits.device)))
                 dev_score = score(self.ctx.card, gold_dev, dev_logits.argmax(dim=1).cpu().numpy())["score"]

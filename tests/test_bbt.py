@@ -199,3 +199,121 @@ def test_causal_shared_prefix_path_equals_the_full_forward(kind, mode):
     full = scorer.label_logits(texts, ids, batch)
     assert fast.shape == (9, 2)
     torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5)
+
+
+def _linear_rows(layer: torch.nn.Module) -> tuple[list, list]:
+    """Hooks counting the rows every linear map inside `layer` processes (what the layer really computes)."""
+    rows = []
+    handles = [
+        m.register_forward_hook(lambda mod, args, out: rows.append(out.shape[:-1].numel()))
+        for m in layer.modules()
+        if not list(m.children()) and getattr(m, "weight", None) is not None and m.weight.dim() == 2  # Linear, Conv1D
+    ]
+    return rows, handles
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_bucketing_and_layer_reuse_give_the_plain_path_s_logits(kind):
+    """The fast path (length buckets, layers below the varied slot run once) equals one candidate per forward
+    over one padded batch; and with reuse, the layer below the varied slot runs for one candidate only."""
+    backbone = tiny_backbone(kind)
+    fast = ModelService(backbone)
+    plain = ModelService(backbone, bucketing=False, layer_reuse=False)
+    spec = PromptSpec(3, 2, "add", "z", ProjectionSpec(8, 0, (0.5, 0.5)))
+    for service in (fast, plain):
+        service.configure_prompt(spec)
+    mask = fast.mask
+    texts = [f"good {mask}", f"the movie was good and the film was good . {mask}", f"bad film {mask} .",
+             f"this is a long review of a movie and it is about a film that was bad . {mask}"]
+    assert len(fast._encoded_buckets(texts)[0]) > 1  # the lengths differ enough to split
+    z = np.random.RandomState(0).randn(5, 2, 8).astype(np.float32)
+    z[:, 0] = z[0, 0]  # BBTv2's shape of generation: slot 0 frozen, slot 1 varied
+    words = [" good", " bad"]
+    layer0 = transformer_layers(backbone.model)[0]
+    rows, handles = _linear_rows(layer0)
+    got = fast.prompted_label_logits(texts, words, z)
+    reused_rows = sum(rows)
+    rows.clear()
+    want = plain.prompted_label_logits(texts, words, z, sequential=True)
+    for handle in handles:
+        handle.remove()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert reused_rows * 4 < sum(rows)  # layer 0 ran for one candidate of five, not for all
+    # candidates that differ in slot 0 share nothing: still the same logits
+    z2 = np.random.RandomState(1).randn(5, 2, 8).astype(np.float32)
+    np.testing.assert_allclose(
+        fast.prompted_label_logits(texts, words, z2), plain.prompted_label_logits(texts, words, z2, sequential=True),
+        rtol=1e-4, atol=1e-5,
+    )
+
+
+def test_length_buckets_partition_and_minimise_padding():
+    from itertools import combinations
+
+    from harness.service import length_buckets
+
+    lengths = [12, 3, 40, 4, 11, 39, 5, 13]
+    groups = length_buckets(lengths, most=3, overhead=0.0)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    padded = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+    ordered = sorted(lengths)
+    best = min(  # brute force over every split of the sorted lengths into at most 3 runs
+        sum((j - i) * ordered[j - 1] for i, j in zip((0, *cuts), (*cuts, len(ordered))))
+        for k in range(3) for cuts in combinations(range(1, len(ordered)), k)
+    )
+    assert padded == best == 3 * 5 + 3 * 13 + 2 * 40
+    assert length_buckets([7] * 10) == [list(range(10))]  # nothing to gain: one forward
+    assert len(length_buckets([1, 2, 3, 100], overhead=10.0)) == 1  # a forward's cost outweighs the padding saved
+
+
+class _Killed(Exception):
+    pass
+
+
+class _DiesAfter:
+    """A checkpoint whose process 'dies' right after its n-th save."""
+
+    def __init__(self, checkpoint, saves):
+        self.checkpoint, self.saves = checkpoint, saves
+
+    def save(self, state):
+        self.checkpoint.save(state)
+        self.saves -= 1
+        if self.saves == 0:
+            raise _Killed
+
+    def load(self):
+        return self.checkpoint.load()
+
+
+@pytest.mark.parametrize("method_name", ["bbt", "bbtv2"])
+def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_result(method_name, shared_data, tmp_path):
+    from harness.checkpoint import Checkpoint
+
+    card = get_card("sst2")
+    split = make_split(card, load_task_data(card, str(shared_data)), 16, 42, 8)
+    backbone = tiny_backbone("gemma3")
+    cls = get_method(method_name)
+    config = cls.config_class(budget=100, popsize=10, intrinsic_dim=20, n_tokens=4, eval_every=20)
+
+    def attempt(make_checkpoint):
+        service = ModelService(backbone)
+        checkpoint = make_checkpoint(service.meter)
+        ctx = RunContext(card, PromptFormat(card, "clm", ""), 42, service=service, checkpoint=checkpoint)
+        method = cls(config, ctx)
+        with service.phase("train"):
+            method.fit(split.train, split.dev)
+        return method, service, checkpoint
+
+    whole, whole_service, _ = attempt(lambda meter: Checkpoint(tmp_path / "whole.pkl", meter))
+    path = tmp_path / "run.pkl"
+    with pytest.raises(_Killed):
+        attempt(lambda meter: _DiesAfter(Checkpoint(path, meter), saves=2))
+    assert path.exists()
+    resumed, resumed_service, checkpoint = attempt(lambda meter: Checkpoint(path, meter))
+    assert checkpoint.resumed_at == [40]
+    assert resumed.calls == whole.calls == 100
+    assert resumed.trace() == whole.trace()
+    np.testing.assert_array_equal(resumed.best_z, whole.best_z)
+    # the service's counts cover both attempts once: the same as the uninterrupted run's
+    assert resumed_service.meter.summary() == whole_service.meter.summary()

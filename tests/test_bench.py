@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.bench import non_embedding_parameters, reference_call, render, run_bench
+from harness.bench import non_embedding_parameters, reference_call, render, run_bench, time_bbtv2_reuse
 from harness.prompting import ProjectionSpec, PromptSpec, placeholder_ids, project
 from harness.scoring import PromptBatch, label_token_ids, make_scorer
 from harness.service import ModelService
@@ -43,5 +43,8 @@ def test_bench_reports_both_paths_and_the_floor():
     assert facts["tokens_per_call_needed"] < facts["tokens_per_call_full"]  # the shared prefix saves work
     assert 0 < default.floor_seconds and 0 < reference.floor_seconds
     assert facts["non_embedding_parameters"] == non_embedding_parameters(backbone.model) > 0
-    text = render(results, facts, "harness bench --random")
+    bbtv2 = time_bbtv2_reuse(backbone, texts, [" good", " bad"], popsize=4, n_tokens=4, dim=8, probes=2)
+    assert bbtv2["slots"] == [0, 1] and len(bbtv2["with"]) == len(bbtv2["without"]) == 2
+    text = render(results, facts, "harness bench --random", bbtv2)
     assert "reference-style" in text and "Speed-up of the default path" in text and facts["device"] in text
+    assert "with reuse" in text

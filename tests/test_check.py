@@ -23,7 +23,7 @@ def write_config(tmp_path, threshold):
 
 
 def test_check_passes_then_fails_when_a_threshold_is_raised(tmp_path, shared_data, monkeypatch, capsys):
-    monkeypatch.setattr(runner, "load_backbone", lambda name: tiny_backbone("gpt2"))
+    monkeypatch.setattr(runner, "load_backbone", lambda name, dtype="float32": tiny_backbone("gpt2"))
     assert main(["check", "--config", str(write_config(tmp_path, 0.0)), "--data-dir", str(shared_data)]) == 0
     out = capsys.readouterr().out
     assert "ok         manual/sst2" in out and "ok         bbt/sst2" in out

@@ -29,7 +29,7 @@ def test_missing_data_is_a_clear_error_before_any_compute(capsys, tmp_path):
 
 
 def test_run_then_report(tmp_path, shared_data, monkeypatch, capsys):
-    monkeypatch.setattr(runner, "load_backbone", lambda name: tiny_backbone("gpt2"))
+    monkeypatch.setattr(runner, "load_backbone", lambda name, dtype="float32": tiny_backbone("gpt2"))
     monkeypatch.setattr("harness.cli.get_spec", lambda name: None)  # the tiny backbone is not in the registry
     report = tmp_path / "report.md"
     argv = ["run", "--datasets", "sst2,mrpc,dbpedia", "--backbone", "tiny-gpt2", "--eval-cap", "60",
@@ -47,13 +47,19 @@ def test_run_then_report(tmp_path, shared_data, monkeypatch, capsys):
     assert "### Cost" in capsys.readouterr().out
 
 
-def test_report_draws_convergence_figures_from_traces(tmp_path, shared_data, monkeypatch):
-    monkeypatch.setattr(runner, "load_backbone", lambda name: tiny_backbone("gpt2"))
+def test_report_draws_convergence_figures_and_the_versatility_table(tmp_path, shared_data, monkeypatch):
+    monkeypatch.setattr(runner, "load_backbone", lambda name, dtype="float32": tiny_backbone(name.removeprefix("tiny-")))
     monkeypatch.setattr("harness.cli.get_spec", lambda name: None)
     report = tmp_path / "out" / "report.md"
-    argv = ["run", "--methods", "bbt,bbtv2", "--datasets", "sst2", "--backbone", "tiny-gpt2", "--eval-cap", "20",
-            "--data-dir", str(shared_data), "--results-dir", str(tmp_path), "--report", str(report)]
-    assert main(argv) == 0
+    common = ["--datasets", "sst2", "--eval-cap", "20", "--data-dir", str(shared_data), "--results-dir", str(tmp_path),
+              "--report", str(report)]
+    assert main(["run", "--methods", "bbt,bbtv2", "--backbone", "tiny-gpt2", *common]) == 0
+    assert main(["run", "--methods", "bbt", "--backbone", "tiny-roberta", *common]) == 0
     png = tmp_path / "out" / "convergence-tiny-gpt2-sst2.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "![convergence-tiny-gpt2-sst2](convergence-tiny-gpt2-sst2.png)" in report.read_text()
+    text = report.read_text()
+    assert "![convergence-tiny-gpt2-sst2](convergence-tiny-gpt2-sst2.png)" in text
+    versatility = text.split("## Versatility: BBT and BBTv2 across backbones, profile `quick`")[1]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in versatility.splitlines() if line.startswith("| tiny-")]
+    # backbone, method and the calls each spent (BBTv2's one round: 2 layers x popsize 20)
+    assert [(r[0], r[1], r[-1]) for r in rows] == [("tiny-gpt2", "bbt", "200"), ("tiny-gpt2", "bbtv2", "40"), ("tiny-roberta", "bbt", "200")]

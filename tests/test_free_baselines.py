@@ -255,7 +255,7 @@ def test_probes_learn_sentiment_from_gemma_features(gemma, name, config):
 
 
 def tiny_grid(tmp_path, shared_data, monkeypatch, kind, methods):
-    monkeypatch.setattr(runner, "load_backbone", lambda name: tiny_backbone(kind))
+    monkeypatch.setattr(runner, "load_backbone", lambda name, dtype="float32": tiny_backbone(kind))
     profile = replace(
         get_profile("quick"),
         eval_cap=64,

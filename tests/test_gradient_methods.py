@@ -339,7 +339,7 @@ def test_bitfit_without_biases_can_refuse():
 def test_every_method_runs_through_the_grid_and_leaves_the_backbone_as_it_was(tmp_path, shared_data, monkeypatch, kind):
     shared = backbone(kind)
     before = state(shared.model)
-    monkeypatch.setattr(runner, "load_backbone", lambda name: shared)
+    monkeypatch.setattr(runner, "load_backbone", lambda name, dtype="float32": shared)
     quick = get_profile("quick")
     profile = replace(quick, eval_cap=40, method_overrides={m: {"steps": 3, "eval_every": 2} for m in METHODS})
     specs = runner.expand(METHODS, ["sst2"], [13], f"tiny-{kind}", profile)

@@ -1,6 +1,7 @@
 """The runner and results store: records, resume, failures, and what a black-box method can reach."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -18,7 +19,7 @@ PROFILE = get_profile("quick")
 def tiny(monkeypatch):
     loads = []
 
-    def load(name):
+    def load(name, dtype="float32"):
         loads.append(name)
         return tiny_backbone("gpt2")
 
@@ -74,7 +75,7 @@ def test_a_failed_run_is_recorded_and_retried(tmp_path, shared_data, tiny, monke
     assert len(summary.failed) == 2 and "boom" in summary.failed[0][1]
     assert all(r["status"] == "failed" and "boom" in r["error"] for r in store.records())
     monkeypatch.undo()
-    monkeypatch.setattr(runner, "load_backbone", lambda name: tiny_backbone("gpt2"))
+    monkeypatch.setattr(runner, "load_backbone", lambda name, dtype="float32": tiny_backbone("gpt2"))
     summary, _ = grid(tmp_path, shared_data, tasks=("sst2", "rte"), seeds=(13,))
     assert len(summary.ran) == 2
 
@@ -101,3 +102,86 @@ def test_unknown_method_setting_is_an_error():
 
     with pytest.raises(HarnessError, match="has no setting\\(s\\) \\['budget'\\]"):
         runner.method_config("manual", PROFILE, {"budget": 10})
+
+
+def test_an_interrupted_bbt_run_resumes_in_the_next_grid_and_counts_its_whole_time(tmp_path, shared_data, tiny, monkeypatch):
+    from harness.checkpoint import Checkpoint
+    from harness.store import RunSpec
+
+    config = runner.method_config("bbt", PROFILE, {"budget": 40, "popsize": 10, "intrinsic_dim": 10, "n_tokens": 4, "eval_every": 20})
+    spec = RunSpec("bbt", "sst2", 13, "tiny-gpt2", 16, 8, vars(config))
+    store = ResultsStore(tmp_path)
+    save = Checkpoint.save
+
+    def dies(self, state):
+        save(self, state)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(Checkpoint, "save", dies)
+    summary = runner.run_grid([spec], load_cards(), PROFILE, store, str(shared_data))
+    assert len(summary.failed) == 1
+    assert (store.checkpoints / f"{spec.run_id}.pkl").exists()
+    monkeypatch.setattr(Checkpoint, "save", save)
+    summary = runner.run_grid([spec], load_cards(), PROFILE, store, str(shared_data))
+    assert summary.ran == [spec.label()]
+    record = store.records()[-1]
+    assert record["meters"]["resumed_at_calls"] == [20] and record["trace"]["calls"] == 40
+    assert record["queries"]["train"]["queries"] == 40  # both attempts' calls, each once
+    assert not (store.checkpoints / f"{spec.run_id}.pkl").exists()
+
+
+def test_half_precision_serves_black_box_methods_and_autocasts_gradient_ones(tmp_path, shared_data, monkeypatch):
+    import torch
+
+    loads, dtypes = [], {}
+
+    def load(name, dtype="float32"):
+        loads.append(dtype)
+        backbone = tiny_backbone("gpt2")
+        backbone.model.to(getattr(torch, dtype))
+        return backbone
+
+    monkeypatch.setattr(runner, "load_backbone", load)
+    for name in ("manual", "bitfit"):
+        cls = get_method(name)
+        original = cls.fit
+
+        def spy(self, train, dev, original=original, name=name):
+            dtypes[name] = self.ctx.dtype
+            return original(self, train, dev)
+
+        monkeypatch.setattr(cls, "fit", spy)
+    profile = replace(PROFILE, method_overrides={"bitfit": {"steps": 4, "eval_every": 2}})
+    specs = runner.expand(["bitfit", "manual"], ["sst2"], [13], "tiny-gpt2", profile, "bfloat16")
+    assert {s.dtype for s in specs} == {"bfloat16"}
+    summary = runner.run_grid(specs, load_cards(), profile, ResultsStore(tmp_path), str(shared_data))
+    assert not summary.failed
+    assert loads == ["float32", "bfloat16"]  # gradient weights stay float32; the service gets bf16 weights
+    assert dtypes == {"bitfit": "bfloat16", "manual": "bfloat16"}
+    assert runner.expand(["manual"], ["sst2"], [13], "tiny-gpt2", profile)[0].run_id != specs[1].run_id
+
+
+def test_the_end_of_grid_summary_names_what_ran_was_skipped_and_failed(tmp_path, shared_data, tiny, monkeypatch):
+    grid(tmp_path, shared_data, tasks=("sst2",), seeds=(13,))
+    cls = get_method("manual")
+    monkeypatch.setattr(cls, "predict", lambda self, examples: (_ for _ in ()).throw(RuntimeError("boom")))
+    summary, _ = grid(tmp_path, shared_data, tasks=("sst2", "rte"), seeds=(13,))
+    lines = summary.lines()
+    assert lines[0] == "ran 0, skipped 1 (finished before), failed 1"
+    assert "  skipped manual/sst2/seed13/tiny-gpt2" in lines
+    assert any(line.startswith("  FAILED  manual/rte/seed13/tiny-gpt2: RuntimeError: boom") for line in lines)
+    monkeypatch.undo()
+    monkeypatch.setattr(runner, "load_backbone", lambda name, dtype="float32": tiny_backbone("gpt2"))
+    summary, _ = grid(tmp_path, shared_data, tasks=("rte",), seeds=(13,))
+    assert summary.lines()[1].startswith("  ran     manual/rte/seed13/tiny-gpt2: accuracy ")
+
+
+def test_run_progress_logs_an_estimate_of_the_time_left(caplog):
+    from harness.progress import RunProgress, duration
+
+    progress = RunProgress("bbt/sst2", log_every_s=0)
+    progress.total(200, "call")
+    with caplog.at_level("INFO", logger="harness"):
+        progress.advance(20)
+    assert "20/200 calls" in caplog.text and "left" in caplog.text
+    assert (duration(59), duration(61), duration(3700)) == ("59s", "1m01s", "1h01m")

@@ -1,0 +1,57 @@
+"""Mid-run checkpoints: a long run (BBT's thousands of calls) saves its state at each dev check, so a run
+that dies, or a session that ends, resumes where it was instead of starting again.
+
+A checkpoint lives beside the results store, named by the run's id, and is removed once the run's record is
+written. It holds the method's state, numpy's global random state (pycma draws from it), the service's query
+counts and the run time spent so far, so the resumed run ends with the same result and the whole cost.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+class Checkpoint:
+    def __init__(self, path: Path, meter=None):
+        self.path = Path(path)
+        self.meter = meter  # the service's QueryMeter, restored with the state (None for gradient methods)
+        self.started = time.time()
+        self.earlier_s = 0.0  # run time spent by earlier, interrupted attempts
+        self.resumed_at: list[int] = []
+
+    def save(self, state: dict) -> None:
+        payload = {
+            "state": state,
+            "numpy_random": np.random.get_state(),
+            "meter": dict(self.meter.phases) if self.meter else None,
+            "elapsed_s": self.earlier_s + time.time() - self.started,
+            "resumed_at": self.resumed_at,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "wb") as handle:
+            pickle.dump(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(self.path)  # atomic: a kill mid-save leaves the previous checkpoint whole
+
+    def load(self) -> dict | None:
+        """The saved state, with the random state, meter and clock put back; None when there is none."""
+        if not self.path.exists():
+            return None
+        payload = pickle.loads(self.path.read_bytes())
+        np.random.set_state(payload["numpy_random"])
+        if self.meter is not None and payload["meter"] is not None:
+            self.meter.phases.update(payload["meter"])
+        self.earlier_s = payload["elapsed_s"]
+        self.started = time.time()
+        self.resumed_at = payload["resumed_at"] + [payload["state"].get("calls", 0)]
+        return payload["state"]
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)

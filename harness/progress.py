@@ -1,0 +1,88 @@
+"""Progress of a grid and of the run in flight, each with an estimate of the time left.
+
+On a terminal these are tqdm bars (the grid's runs, and the run's calls or steps below it). When the output is
+not a terminal (a log file of a background run), the same facts go into log lines instead, at most once a
+minute for a run, so the log stays readable.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from tqdm import tqdm
+
+log = logging.getLogger("harness")
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class RunProgress:
+    """What a method reports: `total(n, unit)` once, then `advance(k)` as work is done. Methods with no loop
+    (zero-shot scoring) report nothing."""
+
+    def __init__(self, label: str = "", bar: bool = False, log_every_s: float = 60.0):
+        self.label, self.bar, self.log_every_s = label, bar, log_every_s
+        self.done, self.size, self.unit = 0, 0, ""
+        self.started = self.logged = time.time()
+        self._tqdm = None
+
+    def total(self, size: int, unit: str) -> None:
+        self.size, self.unit = size, unit
+        if self.bar:
+            self._tqdm = tqdm(total=size, unit=unit, desc=self.label, position=1, leave=False, dynamic_ncols=True)
+
+    def advance(self, k: int = 1) -> None:
+        self.done += k
+        if self._tqdm is not None:
+            self._tqdm.update(k)
+        elif self.size and time.time() - self.logged >= self.log_every_s:
+            self.logged = time.time()
+            log.info("    %d/%d %ss, %s", self.done, self.size, self.unit, self.left())
+
+    def left(self) -> str:
+        elapsed = time.time() - self.started
+        if not self.done or not self.size:
+            return f"{duration(elapsed)} elapsed"
+        return f"{duration(elapsed)} elapsed, ~{duration(elapsed * (self.size - self.done) / self.done)} left"
+
+    def close(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
+
+
+class GridProgress:
+    """The grid's runs: a bar (or log prefix) with the runs done and an estimate of the time left, from the
+    mean time of the runs finished so far (runs differ in cost, so it is a rough guide early on)."""
+
+    def __init__(self, runs: int):
+        self.runs, self.done, self.spent = runs, 0, 0.0
+        self.bar = sys.stderr.isatty()
+        self._tqdm = tqdm(total=runs, unit="run", desc="grid", position=0, dynamic_ncols=True) if self.bar else None
+
+    def start(self, label: str) -> RunProgress:
+        left = ""
+        if self.done:
+            left = f"; grid ~{duration(self.spent / self.done * (self.runs - self.done))} left"
+        log.info("[%d/%d] %s%s", self.done + 1, self.runs, label, left)
+        self._started = time.time()
+        return RunProgress(label, bar=self.bar)
+
+    def finish(self, run: RunProgress) -> None:
+        run.close()
+        self.done += 1
+        self.spent += time.time() - self._started
+        if self._tqdm is not None:
+            self._tqdm.update(1)
+
+    def close(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
