@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.backbones import Backbone, load_backbone
+from harness.backbones import DTYPES, Backbone, default_device, load_backbone, resolve_dtype
 from harness.errors import HarnessError, unknown_name
 from harness.meters import device_description
 from harness.prompting import ProjectionSpec, PromptSpec, placeholder_ids, project
@@ -185,6 +185,26 @@ def run_bench(
     return [reference, default], facts
 
 
+def time_bbt_run(
+    backbone: Backbone, card, prompt: PromptFormat, split, calls: int, seed: int, default: BenchResult, device: str
+) -> BenchResult:
+    """A whole BBT run's training on the default path, end to end: CMA-ES on the user side, the service's
+    setup query, `calls` API calls and a dev check every 100 calls (the floor counts the train calls only)."""
+    from methods import get_method
+    from methods.base import RunContext
+
+    cls = get_method("bbt")
+    service = ModelService(backbone)
+    method = cls(cls.config_class(budget=calls), RunContext(card, prompt, seed, service=service))
+    _sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        method.fit(split.train, split.dev)
+    _sync(device)
+    floor = default.floor_seconds / default.calls * method.calls
+    return BenchResult("default, end to end (BBT fit)", method.calls, time.perf_counter() - start, floor)
+
+
 def time_bbtv2_reuse(
     backbone: Backbone, texts: list[str], label_words: list[str], popsize: int = 20, n_tokens: int = 50,
     dim: int = 500, probes: int = 3, device: str = "cpu",
@@ -225,7 +245,7 @@ def _float_copy(model):
 
 
 def render(results: list[BenchResult], facts: dict, command: str, bbtv2: dict | None = None) -> str:
-    reference, default = results
+    reference, default = results[:2]
     lines = [
         "# BBT per-call cost: reference-style loop vs the default path",
         "",
@@ -269,8 +289,8 @@ def bench_command(args) -> str:
     from harness.data import load_task_data, make_split
     from harness.tasks import get_card
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    device = args.device or default_device()
+    dtype = DTYPES[resolve_dtype("auto", device)]
     if args.random:
         backbone = random_backbone(args.backbone, device, dtype)
     else:
@@ -284,6 +304,8 @@ def bench_command(args) -> str:
         raise HarnessError("--calls must be a multiple of the popsize (20)")
     texts = prompt.render_all(split.train)
     results, facts = run_bench(backbone, texts, prompt.label_words, args.calls, args.reference_calls, device=device)
+    if args.end_to_end:
+        results.append(time_bbt_run(backbone, card, prompt, split, args.calls, args.seed, results[1], device))
     bbtv2 = time_bbtv2_reuse(backbone, texts, prompt.label_words, device=device) if args.bbtv2 else None
     text = render(results, facts, "harness " + " ".join(args.argv), bbtv2)
     if args.out:

@@ -149,6 +149,8 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--reference-calls", type=int, default=10, help="API calls on the reference-style loop")
     bench.add_argument("--seed", type=int, default=42)
     bench.add_argument("--no-bbtv2", dest="bbtv2", action="store_false", help="skip BBTv2's layer-reuse timing")
+    bench.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
+                       help="skip timing a whole BBT run (CMA-ES and dev checks included) of --calls calls")
     bench.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     bench.add_argument("--data-dir")
     bench.add_argument("--out", default="reports/performance.md")

@@ -48,3 +48,17 @@ def test_bench_reports_both_paths_and_the_floor():
     text = render(results, facts, "harness bench --random", bbtv2)
     assert "reference-style" in text and "Speed-up of the default path" in text and facts["device"] in text
     assert "with reuse" in text
+
+
+def test_end_to_end_timing_runs_a_whole_bbt_fit(shared_data):
+    from harness.bench import BenchResult, time_bbt_run
+    from harness.data import load_task_data, make_split
+    from harness.prompts import PromptFormat
+    from harness.tasks import get_card
+
+    card = get_card("sst2")
+    split = make_split(card, load_task_data(card, str(shared_data)), 16, 42, 8)
+    backbone = tiny_backbone("gpt2")
+    default = BenchResult("default", 20, 1.0, 0.5)
+    result = time_bbt_run(backbone, card, PromptFormat(card, "clm", ""), split, 40, 42, default, "cpu")
+    assert result.calls == 40 and result.seconds > 0 and result.floor_seconds == 1.0
