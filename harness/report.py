@@ -143,6 +143,7 @@ def cost_table(frame: pd.DataFrame, tasks=("sst2", "agnews")) -> str:
                 "method": method,
                 "deployment-efficient": "yes" if part["deployment_efficient"].iloc[0] else "no",
                 "as-a-service": "yes" if served else "no",
+                "device": ", ".join(sorted(part["device"].unique())),
                 "score": each(lambda p: f"{p['score'].mean():.1f}"),
                 "train time": each(lambda p: f"{p['fit_s'].mean() / 60:.1f} min"),
                 "user mem": each(lambda p: f"{p['user_mb'].max():.0f} MB") if served else "–",

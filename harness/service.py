@@ -183,8 +183,8 @@ class ModelService:
             raise HarnessError("configure_prompt must be called before prompted queries")
         sent = np.asarray(sent, dtype=np.float32)
         hidden = self.hidden_size
-        if spec.send == "z":
-            vectors = project(spec, sent, hidden, self._projections)
+        if spec.send == "z":  # the server applies A on its own device (a 20 x 500 x 50*hidden product per generation)
+            vectors = project(spec, sent, hidden, self._projections, self._scorer.device)
         else:
             vectors = torch.as_tensor(sent).view(-1, spec.slots, spec.n_tokens, hidden)
         ids = self._ids(label_words)
