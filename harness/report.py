@@ -277,8 +277,8 @@ def convergence_figures(records: list[dict], folder: Path) -> list[Path]:
     paths = []
     for (backbone, task), runs in sorted(groups.items()):
         figure, (loss_ax, dev_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
-        for r in sorted(runs, key=lambda r: (r["method"], r["seed"])):
-            label = f"{r['method']} seed {r['seed']}"
+        for r in sorted(runs, key=lambda r: (r["method"], r["seed"], r["profile"])):
+            label = f"{r['method']} seed {r['seed']}, {r['profile']}, {r['meters']['device']}"
             train, dev = r["trace"]["train"], r["trace"]["dev"]
             loss_ax.plot([t["calls"] for t in train], [t["best_loss"] for t in train], label=label)
             dev_ax.plot([d["calls"] for d in dev], [d["metric"] for d in dev], marker="o", markersize=3, label=label)

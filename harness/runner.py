@@ -87,15 +87,15 @@ class GridSummary:
 
 def run_one(
     spec: RunSpec, card: TaskCard, data: TaskData, split: FewShotSplit, backbone: Backbone, profile: Profile,
-    checkpoint_dir: Path | None = None, progress: RunProgress | None = None, service_options: dict | None = None,
+    checkpoint_path: Path | None = None, progress: RunProgress | None = None, service_options: dict | None = None,
 ) -> dict:
     cls = get_method(spec.method)
     config = cls.config_class(**spec.config)
     service = ModelService(backbone, **(service_options or {})) if cls.as_a_service else None
     prompt = PromptFormat(card, backbone.family, mask_string(backbone.tokenizer, backbone.family))
     checkpoint = None
-    if checkpoint_dir is not None:
-        checkpoint = Checkpoint(checkpoint_dir / f"{spec.run_id}.pkl", service.meter if service else None)
+    if checkpoint_path is not None:
+        checkpoint = Checkpoint(checkpoint_path, service.meter if service else None)
     # black-box methods get the service only; gradient methods own the model
     backbone_for_method = None if cls.as_a_service else backbone
     ctx = RunContext(
@@ -200,7 +200,8 @@ def run_grid(
         split = make_split(cards[spec.task], data[spec.task], spec.k_shot, spec.seed, spec.eval_cap)
         try:
             record = run_one(
-                spec, cards[spec.task], data[spec.task], split, backbone, profile, store.checkpoints, run, service_options
+                spec, cards[spec.task], data[spec.task], split, backbone, profile,
+                store.checkpoint_path(spec.run_id), run, service_options,
             )
         except HarnessError:
             progress.close()
@@ -213,7 +214,7 @@ def run_grid(
             continue
         progress.finish(run)
         store.append(record)
-        (store.checkpoints / f"{spec.run_id}.pkl").unlink(missing_ok=True)
+        store.checkpoint_path(spec.run_id).unlink(missing_ok=True)  # the record holds all that is kept
         summary.ran.append(spec.label())
         summary.scores.append((spec.label(), record["metric"], record["metrics"]["score"], record["meters"]["wall_s"]))
         log.info(

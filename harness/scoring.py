@@ -15,6 +15,7 @@ tuning) and per-layer key/value prefixes (P-tuning v2). The read positions move 
 
 from __future__ import annotations
 
+import copy
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -429,8 +430,6 @@ class CausalScorer(Scorer):
 
     def _on_prefix(self, enc: Encoded, label_ids, prompt: PromptBatch, prefix) -> torch.Tensor:
         """The examples run on a copy of the candidates' prefix cache (the forward appends to it)."""
-        import copy
-
         cache = copy.deepcopy(prefix)
         cache.batch_repeat_interleave(enc.input_ids.shape[0])
         tiled = enc.tile(prompt.size)

@@ -46,7 +46,10 @@ class ResultsStore:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.path = self.folder / "results.jsonl"
-        self.checkpoints = self.folder / "checkpoints"  # mid-run state of long runs (harness/checkpoint.py)
+
+    def checkpoint_path(self, run_id: str) -> Path:
+        """Where a long run keeps its mid-run state (harness/checkpoint.py) until its record is written."""
+        return self.folder / "checkpoints" / f"{run_id}.pkl"
 
     def records(self) -> list[dict]:
         if not self.path.exists():

@@ -120,14 +120,14 @@ def test_an_interrupted_bbt_run_resumes_in_the_next_grid_and_counts_its_whole_ti
     monkeypatch.setattr(Checkpoint, "save", dies)
     summary = runner.run_grid([spec], load_cards(), PROFILE, store, str(shared_data))
     assert len(summary.failed) == 1
-    assert (store.checkpoints / f"{spec.run_id}.pkl").exists()
+    assert store.checkpoint_path(spec.run_id).exists()
     monkeypatch.setattr(Checkpoint, "save", save)
     summary = runner.run_grid([spec], load_cards(), PROFILE, store, str(shared_data))
     assert summary.ran == [spec.label()]
     record = store.records()[-1]
     assert record["meters"]["resumed_at_calls"] == [20] and record["trace"]["calls"] == 40
     assert record["queries"]["train"]["queries"] == 40  # both attempts' calls, each once
-    assert not (store.checkpoints / f"{spec.run_id}.pkl").exists()
+    assert not store.checkpoint_path(spec.run_id).exists()
 
 
 def test_half_precision_serves_black_box_methods_and_autocasts_gradient_ones(tmp_path, shared_data, monkeypatch):
