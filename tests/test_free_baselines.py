@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 import harness.runner as runner
 from harness.errors import HarnessError

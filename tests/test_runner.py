@@ -1,6 +1,5 @@
 """The runner and results store: records, resume, failures, and what a black-box method can reach."""
 
-import json
 from dataclasses import replace
 
 import pytest
