@@ -85,10 +85,6 @@ class PromptBatch:
     def head(self, k: int) -> "PromptBatch":
         return PromptBatch(self.vectors[:k], self.placeholders)
 
-    def shared_slots(self) -> int:
-        """How many leading slots hold the same vectors for every candidate (BBTv2 varies one slot at a time)."""
-        same = (self.vectors == self.vectors[:1]).flatten(2).all(dim=2).all(dim=0)
-        return int(same.int().cumprod(0).sum())
 
 
 class _Stop(Exception):
@@ -239,16 +235,16 @@ class Scorer:
             return self._soft_label_logits(enc, label_ids, soft)
         if soft is not None:
             raise HarnessError("a query takes black-box prompt candidates or trainable soft inputs, not both")
-        return self.prompted_label_logits([enc], label_ids, prompt, reuse=False)[0]
+        return self.prompted_label_logits([enc], label_ids, prompt)[0]
 
     def prompted_label_logits(
-        self, buckets: list[Encoded], label_ids: list[int], prompt: PromptBatch, reuse: bool = True
+        self, buckets: list[Encoded], label_ids: list[int], prompt: PromptBatch, shared: int = 0
     ) -> list[torch.Tensor]:
         """[P * N_b, labels] (candidate-major) for each bucket of examples, P prompt candidates.
 
-        With `reuse`, layers below the first slot in which the candidates differ run once, for one candidate,
-        and their output is repeated for all (BBTv2 changes one layer's prompt per generation)."""
-        shared = prompt.shared_slots() if reuse else 0
+        `shared`: the candidates' first `shared` slots are the same (BBTv2 changes one layer's prompt per
+        generation), so the layers below slot `shared` run once, for the first candidate, and their output is
+        repeated for all."""
         return [
             self._reusing(shared, prompt, enc.input_ids.shape[0], lambda batch, enc=enc: self._prompted_forward(enc, label_ids, batch))
             for enc in buckets
@@ -398,13 +394,12 @@ class CausalScorer(Scorer):
     def _soft_label_logits(self, enc, label_ids, soft):
         return _restricted_head(self.model, self._body_hidden(enc, soft), label_ids)
 
-    def prompted_label_logits(self, buckets, label_ids, prompt, reuse=True):
+    def prompted_label_logits(self, buckets, label_ids, prompt, shared=0):
         """A causal LM's prompt positions cannot attend to the examples after them, so their keys and values
         depend on the candidate only: compute them once per candidate ([<bos>] + prompt, with the deep slots
         applied), repeat that cache for each bucket's examples, and run only the example tokens on top."""
         if not self.share_prefix:
-            return super().prompted_label_logits(buckets, label_ids, prompt, reuse)
-        shared = prompt.shared_slots() if reuse else 0
+            return super().prompted_label_logits(buckets, label_ids, prompt, shared)
         caches = {prompt.size: self._prefix_cache(prompt)}
         if shared and prompt.size > 1:
             caches[1] = self._prefix_cache(prompt.head(1))

@@ -87,6 +87,15 @@ def length_buckets(lengths: list[int], most: int = 4, overhead: float = 0.05) ->
     return [g for g in reversed(groups) if g]
 
 
+def shared_slots(sent: np.ndarray) -> int:
+    """How many leading slots every candidate sends alike (BBTv2 varies one layer's prompt per generation).
+    Read from what the client sent, bit for bit: the projected vectors of equal z may differ in the last bit."""
+    if len(sent) < 2:
+        return 0
+    same = (sent == sent[:1]).reshape(sent.shape[0], sent.shape[1], -1).all(axis=2).all(axis=0)
+    return int(np.cumprod(same).sum())
+
+
 class ModelService:
     """Server side: holds the backbone; a method sees only this object's public methods."""
 
@@ -198,11 +207,12 @@ class ModelService:
         groups, encs = self._encoded_buckets(texts)
         widest = max(len(g) * (e.input_ids.shape[1] + spec.n_tokens) for g, e in zip(groups, encs))
         per_forward = 1 if sequential else max(1, self.max_tokens // widest)
+        shared = shared_slots(sent) if self.layer_reuse and per_forward > 1 else 0
         logits = torch.zeros(vectors.shape[0], len(texts), len(ids))
         with torch.inference_mode():
             for start in range(0, vectors.shape[0], per_forward):
                 batch = PromptBatch(vectors[start : start + per_forward].to(self._scorer.device, dtype), placeholders)
-                outs = self._scorer.prompted_label_logits(encs, ids, batch, reuse=self.layer_reuse and not sequential)
+                outs = self._scorer.prompted_label_logits(encs, ids, batch, shared)
                 for group, out in zip(groups, outs):
                     logits[start : start + batch.size, group] = out.float().cpu().view(batch.size, len(group), len(ids))
         logits = logits.numpy()

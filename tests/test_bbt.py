@@ -317,3 +317,15 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_result(metho
     np.testing.assert_array_equal(resumed.best_z, whole.best_z)
     # the service's counts cover both attempts once: the same as the uninterrupted run's
     assert resumed_service.meter.summary() == whole_service.meter.summary()
+
+
+def test_shared_slots_are_read_from_what_the_client_sent():
+    from harness.service import shared_slots
+
+    z = np.random.RandomState(0).randn(4, 3, 5).astype(np.float32)
+    assert shared_slots(z) == 0
+    z[:, 0] = z[0, 0]
+    assert shared_slots(z) == 1
+    z[:, 2] = z[0, 2]  # a later equal slot does not count: the layers below the varied slot 1 are all that is shared
+    assert shared_slots(z) == 1
+    assert shared_slots(z[:1]) == 0  # one candidate: nothing to share
