@@ -95,7 +95,7 @@ def comparison_table(frame: pd.DataFrame) -> str:
         row["avg"] = f"{sum(means) / len(means):.2f}" + ("" if len(means) == len(tasks) else f" ({len(means)} tasks)")
         row["seeds"] = ",".join(str(s) for s in sorted(part["seed"].unique()))
         rows.append(row)
-    return pd.DataFrame(rows).to_markdown(index=False)
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
 def _task_header(frame: pd.DataFrame, task: str) -> str:
@@ -153,7 +153,7 @@ def cost_table(frame: pd.DataFrame, tasks=("sst2", "agnews")) -> str:
             }
         )
     header = f"Tasks: {' / '.join(tasks)}. Per-query bytes are those of training queries (of eval queries where a method sends none)."
-    return header + "\n\n" + pd.DataFrame(rows).to_markdown(index=False)
+    return header + "\n\n" + pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
 def provenance(frame: pd.DataFrame) -> str:
@@ -207,7 +207,7 @@ def versatility_table(frame: pd.DataFrame) -> str | None:
         row["avg"] = f"{sum(means) / len(means):.2f}" + ("" if len(means) == len(tasks) else f" ({len(means)} tasks)")
         row["budget (calls)"] = ", ".join(str(int(c)) for c in sorted(runs["calls"].dropna().unique()))
         rows.append(row)
-    return pd.DataFrame(rows).to_markdown(index=False)
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
 PAPER = Path(__file__).resolve().parent / "paper_results.yaml"
@@ -236,7 +236,7 @@ def side_by_side(frame: pd.DataFrame) -> str:
         "3 splits, full eval sets)**. Different backbones, sizes and eval subsets: read the published column as "
         "context, not as a target this backbone should meet."
     )
-    return header + "\n\n" + pd.DataFrame(rows).to_markdown(index=False)
+    return header + "\n\n" + pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
 def render(records: list[dict]) -> str:
