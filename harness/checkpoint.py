@@ -52,6 +52,3 @@ class Checkpoint:
         self.started = time.time()
         self.resumed_at = payload["resumed_at"] + [payload["state"].get("calls", 0)]
         return payload["state"]
-
-    def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
