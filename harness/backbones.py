@@ -163,13 +163,21 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there, bf16 matrix products run
+    several times faster than float32 (about 5x on the AMD EPYC this project is developed on); elsewhere they are
+    emulated and slower. torch exposes the check only under torch.cpu's private names, hence the guard."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def resolve_dtype(name: str = "auto", device: str | None = None) -> str:
-    """The compute dtype a name stands for: `auto` is bfloat16 on a GPU (float16 where bf16 is missing) and
-    float32 on a CPU, where half precision is slower, not faster."""
+    """The compute dtype a name stands for: `auto` is bfloat16 on a GPU (float16 where bf16 is missing) and on a
+    CPU with native bf16 arithmetic, float32 on other CPUs."""
     if name == "auto":
         if (device or default_device()).startswith("cuda"):
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "float32"
+        return "bfloat16" if cpu_has_fast_bf16() else "float32"
     if name not in DTYPES:
         raise unknown_name("dtype", name, [*DTYPES, "auto"])
     return name

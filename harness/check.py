@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from harness.backbones import resolve_dtype
 from harness.errors import HarnessError
 from harness.profiles import Profile
 from harness.runner import method_config, run_grid
@@ -42,10 +43,11 @@ def run_checks(path: str | Path, data_dir: str | None, tasks_dir=None) -> list[d
     """Each check with its measured score and verdict."""
     raw = load_checks(path)
     profile = Profile("check", "regression gate", (raw["seed"],), raw.get("k_shot", 16), raw.get("eval_cap"))
+    dtype = resolve_dtype(raw.get("dtype", "auto"))  # what `harness run` would use on this machine
     specs = []
     for check in raw["checks"]:
         config = asdict(method_config(check["method"], profile, check.get("config")))
-        specs.append(RunSpec(check["method"], check["task"], raw["seed"], raw["backbone"], profile.k_shot, profile.eval_cap, config))
+        specs.append(RunSpec(check["method"], check["task"], raw["seed"], raw["backbone"], profile.k_shot, profile.eval_cap, config, dtype))
     with tempfile.TemporaryDirectory() as folder:  # always measured afresh, never taken from a results store
         store = ResultsStore(folder)
         summary = run_grid(specs, load_cards(tasks_dir), profile, store, data_dir)
@@ -55,5 +57,5 @@ def run_checks(path: str | Path, data_dir: str | None, tasks_dir=None) -> list[d
     results = []
     for spec, check in zip(specs, raw["checks"]):
         measured = scores[spec.run_id]
-        results.append({**check, "score": measured, "ok": measured >= check["min_score"]})
+        results.append({**check, "dtype": spec.dtype, "score": measured, "ok": measured >= check["min_score"]})
     return results

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from harness.backbones import DEFAULT_BACKBONE, DTYPES, REGISTRY, get_spec, resolve_dtype
 from harness.check import DEFAULT_CONFIG, run_checks
@@ -18,6 +19,7 @@ from harness.tasks import load_cards
 from methods import registry
 
 log = logging.getLogger("harness")
+DEFAULT_RESULTS = "results"
 
 
 def _names(value: str, valid, kind: str) -> list[str]:
@@ -37,6 +39,14 @@ def _seeds(value: str | None, profile) -> list[int]:
         raise HarnessError(f"--seeds takes integers separated by commas, not '{value}'") from None
 
 
+def report_path(args) -> Path:
+    if args.report:
+        return Path(args.report)
+    if Path(args.results_dir) == Path(DEFAULT_RESULTS):
+        return Path("reports/results.md")
+    return Path(args.results_dir) / "results.md"
+
+
 def cmd_run(args) -> int:
     profile = get_profile(args.profile or default_profile())
     if args.eval_cap is not None:
@@ -53,7 +63,7 @@ def cmd_run(args) -> int:
     specs = expand(methods, tasks, seeds, args.backbone, profile, dtype)
     options = {"bucketing": args.bucketing, "layer_reuse": args.layer_reuse}
     summary = run_grid(specs, cards, profile, store, args.data_dir, options)
-    report = write_report(store.records(), args.report)
+    report = write_report(store.records(), report_path(args))
     for line in summary.lines():
         log.info("%s", line)
     log.info("results: %s; report: %s", store.path, report)
@@ -62,7 +72,7 @@ def cmd_run(args) -> int:
 
 def cmd_report(args) -> int:
     records = ResultsStore(args.results_dir).records()
-    path = write_report(records, args.report)
+    path = write_report(records, report_path(args))
     print(path.read_text() if args.print else f"wrote {path}")
     return 0
 
@@ -71,7 +81,7 @@ def cmd_check(args) -> int:
     results = run_checks(args.config, args.data_dir, args.tasks_dir)
     for r in results:
         verdict = "ok" if r["ok"] else "REGRESSION"
-        print(f"{verdict:10s} {r['method']}/{r['task']}: {r['score']:.2f} (threshold {r['min_score']:.2f})")
+        print(f"{verdict:10s} {r['method']}/{r['task']} ({r['dtype']}): {r['score']:.2f} (threshold {r['min_score']:.2f})")
     failed = [r for r in results if not r["ok"]]
     if failed:
         names = ", ".join(f"{r['method']}/{r['task']} {r['score']:.2f} < {r['min_score']:.2f}" for r in failed)
@@ -109,8 +119,10 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     def common(p):
-        p.add_argument("--results-dir", default="results", help="the results store (default: results/)")
-        p.add_argument("--report", default="reports/results.md", help="where the markdown report is written")
+        p.add_argument("--results-dir", default=DEFAULT_RESULTS, help="the results store (default: results/)")
+        p.add_argument("--report", help="where the markdown report is written (default: reports/results.md, or "
+                       "results.md inside --results-dir when that is not the default, so a side store never "
+                       "overwrites the committed report)")
         p.add_argument("--tasks-dir", action="append", help="extra folder of task cards (repeatable)")
 
     run = sub.add_parser("run", help="run methods x tasks x seeds on one backbone; finished runs are skipped")
@@ -122,7 +134,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-cap", type=int, help="score at most N eval rows per task, stratified (0: all)")
     run.add_argument("--data-dir", help="local task data laid out like shared/data (else HARNESS_DATA_DIR, else the hub)")
     run.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                     help="compute dtype (default auto: bfloat16 on a GPU, float32 on a CPU)")
+                     help="compute dtype (default auto: bfloat16 on a GPU or a CPU with native bf16, else float32)")
     run.add_argument("--no-bucketing", dest="bucketing", action="store_false",
                      help="prompted queries: one padded forward instead of forwards by similar length")
     run.add_argument("--no-layer-reuse", dest="layer_reuse", action="store_false",
@@ -163,12 +175,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    """The libraries' own progress bars (data files, weight loading) would bury the grid's log."""
+    """The libraries' own progress bars (data files, weight loading) would bury the grid's log, as would a
+    deprecation warning peft 0.21 triggers in transformers 5 on every PEFT run (not ours to fix)."""
+    import warnings
+
     import datasets
     import transformers
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,14 @@ def test_run_then_report(tmp_path, shared_data, monkeypatch, capsys):
     assert "### Cost" in capsys.readouterr().out
 
 
+def test_a_side_store_gets_its_report_beside_it_not_over_the_committed_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--results-dir", "elsewhere"]) == 0
+    assert (tmp_path / "elsewhere" / "results.md").exists() and not (tmp_path / "reports").exists()
+    assert main(["report"]) == 0
+    assert (tmp_path / "reports" / "results.md").exists()
+
+
 def test_report_draws_convergence_figures_and_the_versatility_table(tmp_path, shared_data, monkeypatch):
     monkeypatch.setattr(runner, "load_backbone", lambda name, dtype="float32": tiny_backbone(name.removeprefix("tiny-")))
     monkeypatch.setattr("harness.cli.get_spec", lambda name: None)

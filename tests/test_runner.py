@@ -3,9 +3,13 @@
 from dataclasses import replace
 
 import pytest
+import torch
 
 import harness.runner as runner
+from harness.backbones import resolve_dtype
+from harness.errors import HarnessError
 from harness.profiles import get_profile
+from harness.report import render
 from harness.store import ResultsStore
 from harness.tasks import load_cards
 from methods import get_method, registry
@@ -130,7 +134,6 @@ def test_an_interrupted_bbt_run_resumes_in_the_next_grid_and_counts_its_whole_ti
 
 
 def test_half_precision_serves_black_box_methods_and_autocasts_gradient_ones(tmp_path, shared_data, monkeypatch):
-    import torch
 
     loads, dtypes = [], {}
 
@@ -158,6 +161,27 @@ def test_half_precision_serves_black_box_methods_and_autocasts_gradient_ones(tmp
     assert loads == ["float32", "bfloat16"]  # gradient weights stay float32; the service gets bf16 weights
     assert dtypes == {"bitfit": "bfloat16", "manual": "bfloat16"}
     assert runner.expand(["manual"], ["sst2"], [13], "tiny-gpt2", profile)[0].run_id != specs[1].run_id
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")])
+def test_auto_dtype_on_a_cpu_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_dtype("auto", "cpu") == expected
+    assert resolve_dtype("float32", "cpu") == "float32"  # a named dtype is taken as given
+    with pytest.raises(HarnessError, match="unknown dtype 'fp8'"):
+        resolve_dtype("fp8", "cpu")
+
+
+def test_the_report_never_averages_runs_of_different_dtypes(tmp_path, shared_data, tiny):
+    store = ResultsStore(tmp_path)
+    for dtype in ("float32", "bfloat16"):
+        specs = runner.expand(["manual"], ["sst2"], [13], "tiny-gpt2", PROFILE, dtype)
+        assert not runner.run_grid(specs, load_cards(), PROFILE, store, str(shared_data)).failed
+    text = render(store.records())
+    assert "## tiny-gpt2, profile `quick`, float32" in text and "## tiny-gpt2, profile `quick`, bfloat16" in text
+    table = text.split("### Comparison")[1].split("### Cost")[0]
+    assert not [line for line in table.splitlines() if line.startswith("|") and "±" in line]  # one run each, no spread
 
 
 def test_the_end_of_grid_summary_names_what_ran_was_skipped_and_failed(tmp_path, shared_data, tiny, monkeypatch):
