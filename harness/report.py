@@ -169,13 +169,14 @@ def provenance(frame: pd.DataFrame) -> str:
     trained = part_trained(frame)
     if trained:
         lines.append("- what the gradient methods trained: " + "; ".join(f"{m}: {t}" for m, t in trained.items()))
-    lines.append("- data caveats († = scored on a subset of the eval split):")
+    caveats = []
     for task in _ordered_tasks(frame["task"]):
         part = frame[frame["task"] == task]
-        caveats = {k: v for c in part["caveats"] for k, v in c.items()}
-        if caveats:
-            lines.append(f"  - {task}: " + "; ".join(caveats.values()))
-    return "\n".join(lines)
+        found = {k: v for c in part["caveats"] for k, v in c.items()}
+        if found:
+            caveats.append(f"  - {task}: " + "; ".join(found.values()))
+    lines.append("- data caveats († = scored on a subset of the eval split):" if caveats else "- data caveats: none")
+    return "\n".join(lines + caveats)
 
 
 def part_trained(frame: pd.DataFrame) -> dict[str, str]:
