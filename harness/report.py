@@ -72,6 +72,22 @@ def _cell(scores: pd.Series) -> str:
     return f"{scores.mean():.2f} ± {scores.std(ddof=0):.2f}"
 
 
+def _task_cells(runs: pd.DataFrame, tasks: list[str], headers: list[str]) -> dict[str, str]:
+    """One row's score cells (mean ± std over seeds, or – where a task has no run) and the average over tasks."""
+    row, means = {}, []
+    for task, header in zip(tasks, headers):
+        scores = runs[runs["task"] == task]["score"]
+        row[header] = _cell(scores) if len(scores) else "–"
+        if len(scores):
+            means.append(scores.mean())
+    row["avg"] = f"{sum(means) / len(means):.2f}" + ("" if len(means) == len(tasks) else f" ({len(means)} tasks)")
+    return row
+
+
+def _markdown(rows: list[dict]) -> str:
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)  # cells are formatted already; tabulate would re-parse numbers
+
+
 def _params(n: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
@@ -86,16 +102,10 @@ def comparison_table(frame: pd.DataFrame) -> str:
     for method in _method_order(frame):
         part = frame[frame["method"] == method]
         row = {"group": part["group"].iloc[0], "method": method, "tunable params": _params(part["tunable"].max())}
-        means = []
-        for task in tasks:
-            scores = part[part["task"] == task]["score"]
-            row[_task_header(frame, task)] = _cell(scores) if len(scores) else "–"
-            if len(scores):
-                means.append(scores.mean())
-        row["avg"] = f"{sum(means) / len(means):.2f}" + ("" if len(means) == len(tasks) else f" ({len(means)} tasks)")
+        row |= _task_cells(part, tasks, [_task_header(frame, task) for task in tasks])
         row["seeds"] = ",".join(str(s) for s in sorted(part["seed"].unique()))
         rows.append(row)
-    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+    return _markdown(rows)
 
 
 def _task_header(frame: pd.DataFrame, task: str) -> str:
@@ -153,7 +163,7 @@ def cost_table(frame: pd.DataFrame, tasks=("sst2", "agnews")) -> str:
             }
         )
     header = f"Tasks: {' / '.join(tasks)}. Per-query bytes are those of training queries (of eval queries where a method sends none)."
-    return header + "\n\n" + pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+    return header + "\n\n" + _markdown(rows)
 
 
 def provenance(frame: pd.DataFrame) -> str:
@@ -198,17 +208,10 @@ def versatility_table(frame: pd.DataFrame) -> str | None:
     tasks = _ordered_tasks(part["task"])
     rows = []
     for (backbone, method), runs in sorted(part.groupby(["backbone", "method"])):
-        row = {"backbone": backbone, "method": method}
-        means = []
-        for task in tasks:
-            scores = runs[runs["task"] == task]["score"]
-            row[task] = _cell(scores) if len(scores) else "–"
-            if len(scores):
-                means.append(scores.mean())
-        row["avg"] = f"{sum(means) / len(means):.2f}" + ("" if len(means) == len(tasks) else f" ({len(means)} tasks)")
+        row = {"backbone": backbone, "method": method, **_task_cells(runs, tasks, tasks)}
         row["budget (calls)"] = ", ".join(str(int(c)) for c in sorted(runs["calls"].dropna().unique()))
         rows.append(row)
-    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+    return _markdown(rows)
 
 
 PAPER = Path(__file__).resolve().parent / "paper_results.yaml"
@@ -237,7 +240,7 @@ def side_by_side(frame: pd.DataFrame) -> str:
         "3 splits, full eval sets)**. Different backbones, sizes and eval subsets: read the published column as "
         "context, not as a target this backbone should meet."
     )
-    return header + "\n\n" + pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+    return header + "\n\n" + _markdown(rows)
 
 
 def render(records: list[dict]) -> str:

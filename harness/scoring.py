@@ -86,7 +86,6 @@ class PromptBatch:
         return PromptBatch(self.vectors[:k], self.placeholders)
 
 
-
 class _Stop(Exception):
     """Raised by a capture hook: the layers above it are not needed."""
 
