@@ -175,13 +175,18 @@ def test_auto_dtype_on_a_cpu_is_bf16_only_where_the_cpu_multiplies_bf16_natively
 
 def test_the_report_never_averages_runs_of_different_dtypes(tmp_path, shared_data, tiny):
     store = ResultsStore(tmp_path)
+    profile = replace(PROFILE, method_overrides={"bbt": {"budget": 20}})
     for dtype in ("float32", "bfloat16"):
-        specs = runner.expand(["manual"], ["sst2"], [13], "tiny-gpt2", PROFILE, dtype)
-        assert not runner.run_grid(specs, load_cards(), PROFILE, store, str(shared_data)).failed
+        specs = runner.expand(["manual", "bbt"], ["sst2"], [13], "tiny-gpt2", profile, dtype)
+        assert not runner.run_grid(specs, load_cards(), profile, store, str(shared_data)).failed
     text = render(store.records())
     assert "## tiny-gpt2, profile `quick`, float32" in text and "## tiny-gpt2, profile `quick`, bfloat16" in text
     table = text.split("### Comparison")[1].split("### Cost")[0]
     assert not [line for line in table.splitlines() if line.startswith("|") and "±" in line]  # one run each, no spread
+    for dtype in ("float32", "bfloat16"):
+        versatility = text.split(f"## Versatility: BBT and BBTv2 across backbones, profile `quick`, {dtype}")[1]
+        rows = [line for line in versatility.split("##")[0].splitlines() if line.startswith("| tiny-gpt2")]
+        assert len(rows) == 1 and "±" not in rows[0]
 
 
 def test_the_end_of_grid_summary_names_what_ran_was_skipped_and_failed(tmp_path, shared_data, tiny, monkeypatch):
