@@ -283,11 +283,14 @@ def convergence_figures(records: list[dict], folder: Path) -> list[Path]:
     paths = []
     for (backbone, task), runs in sorted(groups.items()):
         figure, (loss_ax, dev_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
-        for r in sorted(runs, key=lambda r: (r["method"], r["seed"], r["profile"])):
-            label = f"{r['method']} seed {r['seed']}, {r['profile']}, {r['meters']['device']}"
+        for r in sorted(runs, key=lambda r: (r["method"], r["seed"], r["profile"], r["spec"].get("dtype", ""))):
+            dtype = r["spec"].get("dtype", "float32")
+            label = f"{r['method']} seed {r['seed']}, {r['profile']}, {dtype}, {r['meters']['device']}"
             train, dev = r["trace"]["train"], r["trace"]["dev"]
             loss_ax.plot([t["calls"] for t in train], [t["best_loss"] for t in train], label=label)
             dev_ax.plot([d["calls"] for d in dev], [d["metric"] for d in dev], marker="o", markersize=3, label=label)
+        for ax in (loss_ax, dev_ax):
+            ax.set_xscale("log")  # quick runs (hundreds of calls) and the paper's budget (thousands) on one axis
         loss_ax.set(xlabel="API calls", ylabel=f"best train loss ({runs[0]['trace'].get('loss', '')})", title=f"{task}: train")
         dev_ax.set(xlabel="API calls", ylabel=f"dev {runs[0]['metric']}", title=f"{task}: dev checks")
         dev_ax.legend(fontsize=8)

@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from harness.backbones import Backbone, load_backbone
 from harness.checkpoint import Checkpoint
@@ -116,6 +117,8 @@ def run_one(
     finally:
         method.close()  # the backbone is shared by the next run: a method undoes its changes, even on failure
     meters["user_tensor_mb"] = method.user_tensor_bytes() / 2**20
+    # on a CPU the thread count changes the order of bf16/float32 sums, and a search can amplify the difference
+    meters["torch_threads"] = torch.get_num_threads()
     if checkpoint is not None and checkpoint.resumed_at:  # the time of the interrupted attempts counts too
         meters["wall_s"] += checkpoint.earlier_s
         meters["fit_s"] += checkpoint.earlier_s

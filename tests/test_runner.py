@@ -45,6 +45,7 @@ def test_record_has_what_reproduction_needs(tmp_path, shared_data, tiny):
         assert record[key] is not None
     assert record["split"]["split_hash"] and record["split"]["eval_hash"] and record["split"]["eval_size"] == 400
     assert record["versions"]["torch"] and record["meters"]["device"].startswith("cpu")
+    assert record["meters"]["torch_threads"] == torch.get_num_threads()  # bf16/float32 sums depend on it
     assert record["meters"]["server_gpu_peak_mb"] is None  # CPU: no GPU figure, not a zero
     assert record["queries"]["eval"]["queries"] == 13  # 400 rows in queries of 32
 
