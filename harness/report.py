@@ -14,6 +14,10 @@ TASK_ORDER = ["sst2", "yelpp", "agnews", "dbpedia", "mrpc", "snli", "rte"]  # th
 GROUP_ORDER = ["gradient-based", "gradient-free"]
 
 
+def _dtype(record: dict) -> str:
+    return record["spec"].get("dtype", "float32")  # records from before dtype joined the spec ran in float32
+
+
 def load_frame(records: list[dict]) -> pd.DataFrame:
     """One row per finished run (the latest record of each run id)."""
     ok = {r["run_id"]: r for r in records if r.get("status") == "ok"}
@@ -27,7 +31,7 @@ def load_frame(records: list[dict]) -> pd.DataFrame:
                 "task": r["task"],
                 "seed": r["seed"],
                 "backbone": r["backbone"],
-                "dtype": r["spec"].get("dtype", "float32"),
+                "dtype": _dtype(r),
                 "profile": r["profile"],
                 "group": r["group"],
                 "score": r["metrics"]["score"],
@@ -283,9 +287,8 @@ def convergence_figures(records: list[dict], folder: Path) -> list[Path]:
     paths = []
     for (backbone, task), runs in sorted(groups.items()):
         figure, (loss_ax, dev_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
-        for r in sorted(runs, key=lambda r: (r["method"], r["seed"], r["profile"], r["spec"].get("dtype", ""))):
-            dtype = r["spec"].get("dtype", "float32")
-            label = f"{r['method']} seed {r['seed']}, {r['profile']}, {dtype}, {r['meters']['device']}"
+        for r in sorted(runs, key=lambda r: (r["method"], r["seed"], r["profile"], _dtype(r))):
+            label = f"{r['method']} seed {r['seed']}, {r['profile']}, {_dtype(r)}, {r['meters']['device']}"
             train, dev = r["trace"]["train"], r["trace"]["dev"]
             loss_ax.plot([t["calls"] for t in train], [t["best_loss"] for t in train], label=label)
             dev_ax.plot([d["calls"] for d in dev], [d["metric"] for d in dev], marker="o", markersize=3, label=label)
