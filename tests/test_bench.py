@@ -62,3 +62,7 @@ def test_end_to_end_timing_runs_a_whole_bbt_fit(shared_data):
     default = BenchResult("default", 20, 1.0, 0.5)
     result = time_bbt_run(backbone, card, PromptFormat(card, "clm", ""), split, 40, 42, default, "cpu")
     assert result.calls == 40 and result.seconds > 0 and result.floor_seconds == 1.0
+    # the one-off setup is timed apart: extrapolation adds it once, not once per `calls`
+    assert 0 < result.setup_seconds < result.seconds
+    assert result.seconds_for(40) == pytest.approx(result.seconds)
+    assert result.seconds_for(8000) < 200 * result.seconds
