@@ -272,12 +272,18 @@ def render(records: list[dict]) -> str:
     return "\n\n".join(sections) + "\n"
 
 
+def _calls_label(x: float, _pos=None) -> str:
+    """Axis label for a number of calls: 200, 5k (not 10^2 or 5,000, which crowd the axis)."""
+    return f"{x / 1000:g}k" if x >= 1000 else f"{x:g}"
+
+
 def convergence_figures(records: list[dict], folder: Path) -> list[Path]:
     """PNG per backbone and task: BBT and BBTv2's best train loss and dev metric by API call, one line per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     traced = [r for r in records if r.get("status") == "ok" and (r.get("trace") or {}).get("train")]
     traced = [r for r in traced if "best_loss" in r["trace"]["train"][0]]
@@ -294,6 +300,9 @@ def convergence_figures(records: list[dict], folder: Path) -> list[Path]:
             dev_ax.plot([d["calls"] for d in dev], [d["metric"] for d in dev], marker="o", markersize=3, label=label)
         for ax in (loss_ax, dev_ax):
             ax.set_xscale("log")  # quick runs (hundreds of calls) and the paper's budget (thousands) on one axis
+            ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))  # 20, 50, 100, ...: labelled on any span
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(_calls_label))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # matplotlib's minor labels overlap on short spans
         loss_ax.set(xlabel="API calls", ylabel=f"best train loss ({runs[0]['trace'].get('loss', '')})", title=f"{task}: train")
         dev_ax.set(xlabel="API calls", ylabel=f"dev {runs[0]['metric']}", title=f"{task}: dev checks")
         dev_ax.legend(fontsize=8)

@@ -214,3 +214,9 @@ def test_run_progress_logs_an_estimate_of_the_time_left(caplog):
         progress.advance(20)
     assert "20/200 calls" in caplog.text and "left" in caplog.text
     assert (duration(59), duration(61), duration(3700)) == ("59s", "1m01s", "1h01m")
+
+
+def test_convergence_axes_label_calls_briefly():
+    from harness.report import _calls_label
+
+    assert [_calls_label(x) for x in (20, 200, 1000, 5000, 20000)] == ["20", "200", "1k", "5k", "20k"]
