@@ -124,7 +124,7 @@ class _BlackBoxPromptSearch(Method):
             self.spec = PromptSpec(cfg.n_tokens, slots, cfg.mode, cfg.send, projection)
             self._matrices: dict = {}
             service.configure_prompt(self.spec)
-        self.setup_s = time.perf_counter() - start  # one-off: the statistics query, drawing A (the bench separates it)
+        self.setup_s = time.perf_counter() - start  # one-off: the statistics query (and, send=z, the server's A)
         self.slots = slots
 
     def _strategy(self, slot: int) -> cma.CMAEvolutionStrategy:
