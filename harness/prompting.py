@@ -82,13 +82,19 @@ def projection_matrix(spec: ProjectionSpec, slot: int, width: int) -> torch.Tens
     raise HarnessError(f"projection dist must be 'normal' or 'uniform', not '{spec.dist}'")
 
 
-def project(spec: PromptSpec, z: np.ndarray, hidden: int, matrices: dict, device="cpu") -> torch.Tensor:
-    """z [P, slots, d] -> prompt [P, slots, n_tokens, hidden] (float32, on `device`); `matrices` caches A_j per
-    slot there (drawn on the CPU, so every device gets the same A)."""
-    z = torch.as_tensor(np.asarray(z, dtype=np.float32)).to(device)
-    out = []
+def draw_projections(spec: PromptSpec, hidden: int, matrices: dict, device="cpu") -> dict:
+    """Fill the cache `matrices` with A_j for every slot missing from it, on `device` (drawn on the CPU, so every
+    device gets the same A)."""
     for slot in range(spec.slots):
         if slot not in matrices:
             matrices[slot] = projection_matrix(spec.projection, slot, spec.n_tokens * hidden).to(device)
-        out.append((z[:, slot] @ matrices[slot]).view(-1, spec.n_tokens, hidden))
+    return matrices
+
+
+def project(spec: PromptSpec, z: np.ndarray, hidden: int, matrices: dict, device="cpu") -> torch.Tensor:
+    """z [P, slots, d] -> prompt [P, slots, n_tokens, hidden] (float32, on `device`); `matrices` caches A_j per
+    slot there (see draw_projections)."""
+    z = torch.as_tensor(np.asarray(z, dtype=np.float32)).to(device)
+    draw_projections(spec, hidden, matrices, device)
+    out = [(z[:, slot] @ matrices[slot]).view(-1, spec.n_tokens, hidden) for slot in range(spec.slots)]
     return torch.stack(out, dim=1)

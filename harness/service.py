@@ -18,7 +18,7 @@ import torch
 from harness.backbones import Backbone
 from harness.errors import HarnessError
 from harness.features import FeatureExtractor
-from harness.prompting import PromptSpec, placeholder_ids, project, projection_matrix
+from harness.prompting import PromptSpec, draw_projections, placeholder_ids, project
 from harness.scoring import PromptBatch, label_token_ids, make_scorer, mask_string, transformer_layers
 
 
@@ -179,9 +179,7 @@ class ModelService:
             raise HarnessError(f"a prompt has 1 slot or one per layer ({self.num_layers}), not {spec.slots}")
         self._prompt, self._projections = spec, {}
         if spec.send == "z":  # the server draws its A_j now, a one-off cost, not inside the first query
-            width, device = spec.n_tokens * self.hidden_size, self._scorer.device
-            for slot in range(spec.slots):
-                self._projections[slot] = projection_matrix(spec.projection, slot, width).to(device)
+            draw_projections(spec, self.hidden_size, self._projections, self._scorer.device)
         self.meter.record(spec.wire_bytes(), 0)
 
     def prompted_label_logits(self, texts: list[str], label_words: list[str], sent: np.ndarray, sequential: bool = False) -> np.ndarray:
