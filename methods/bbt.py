@@ -18,7 +18,7 @@ import numpy as np
 
 from harness.errors import HarnessError
 from harness.metrics import score
-from harness.prompting import ProjectionSpec, PromptSpec, project, projection_std
+from harness.prompting import ProjectionSpec, PromptSpec, draw_projections, project, projection_std
 from methods import register
 from methods.base import Method, MethodConfig
 
@@ -122,9 +122,10 @@ class _BlackBoxPromptSearch(Method):
             stds = tuple(float(projection_std(s, cfg.intrinsic_dim, cfg.sigma, cfg.alpha)) for s in sigma_hat)
             projection = ProjectionSpec(cfg.intrinsic_dim, seed=self.ctx.seed, stds=stds, dist=cfg.dist)
             self.spec = PromptSpec(cfg.n_tokens, slots, cfg.mode, cfg.send, projection)
-            self._matrices: dict = {}
-            service.configure_prompt(self.spec)
-        self.setup_s = time.perf_counter() - start  # one-off: the statistics query (and, send=z, the server's A)
+            service.configure_prompt(self.spec)  # send=z: the server draws its A now
+            # send=prompt: A lives on this side; drawn now so the first query is not the one that pays for it
+            self._matrices = draw_projections(self.spec, service.hidden_size, {}) if cfg.send == "prompt" else {}
+        self.setup_s = time.perf_counter() - start  # one-off: the statistics query and drawing A (on either side)
         self.slots = slots
 
     def _strategy(self, slot: int) -> cma.CMAEvolutionStrategy:

@@ -150,6 +150,20 @@ def test_bbt_bytes_per_query(task, n, labels, send, shared_data):
     assert train["upload_per_query_bytes"] == sum(len(t.encode()) for t in texts) + words + sent
 
 
+@pytest.mark.parametrize("send", ["z", "prompt"])
+def test_setup_draws_every_projection_on_the_side_that_sends_it(send, shared_data):
+    """A is drawn inside the timed setup (`setup_s`), by whichever side holds it, for every layer of BBTv2."""
+    card = get_card("sst2")
+    split = make_split(card, load_task_data(card, str(shared_data)), 16, 42, 8)
+    service = ModelService(tiny_backbone("gemma3"))
+    config = get_method("bbtv2").config_class(budget=20, popsize=10, intrinsic_dim=20, n_tokens=4, send=send)
+    method = get_method("bbtv2")(config, RunContext(card, PromptFormat(card, "clm", ""), 42, service=service))
+    method._setup(split.train, split.dev)
+    holder, other = (service._projections, method._matrices) if send == "z" else (method._matrices, service._projections)
+    assert sorted(holder) == list(range(service.num_layers)) and not other
+    assert method.setup_s > 0
+
+
 def test_bbtv2_spends_rounds_times_popsize_times_layers(shared_data):
     card = get_card("sst2")
     split = make_split(card, load_task_data(card, str(shared_data)), 16, 42, 8)
