@@ -26,19 +26,22 @@ def duration(seconds: float) -> str:
 
 
 class RunProgress:
-    """What a method reports: `total(n, unit)` once, then `advance(k)` as work is done. Methods with no loop
+    """What a method reports: `total(n, unit, done)` once, then `advance(k)` as work is done. Methods with no loop
     (zero-shot scoring) report nothing."""
 
     def __init__(self, label: str = "", bar: bool = False, log_every_s: float = 60.0):
         self.label, self.bar, self.log_every_s = label, bar, log_every_s
         self.done, self.size, self.unit = 0, 0, ""
+        self.resumed = 0  # work an earlier attempt did: it counts as done, not toward this attempt's rate
         self.started = self.logged = time.time()
         self._tqdm = None
 
-    def total(self, size: int, unit: str) -> None:
-        self.size, self.unit = size, unit
+    def total(self, size: int, unit: str, done: int = 0) -> None:
+        """`size` units in all, `done` of them by an earlier attempt this run resumes from."""
+        self.size, self.unit, self.done, self.resumed = size, unit, done, done
         if self.bar:
-            self._tqdm = tqdm(total=size, unit=unit, desc=self.label, position=1, leave=False, dynamic_ncols=True)
+            self._tqdm = tqdm(total=size, initial=done, unit=unit, desc=self.label, position=1, leave=False,
+                              dynamic_ncols=True)
 
     def advance(self, k: int = 1) -> None:
         self.done += k
@@ -50,9 +53,10 @@ class RunProgress:
 
     def left(self) -> str:
         elapsed = time.time() - self.started
-        if not self.done or not self.size:
+        ran = self.done - self.resumed
+        if not ran or not self.size:
             return f"{duration(elapsed)} elapsed"
-        return f"{duration(elapsed)} elapsed, ~{duration(elapsed * (self.size - self.done) / self.done)} left"
+        return f"{duration(elapsed)} elapsed, ~{duration(elapsed * (self.size - self.done) / ran)} left"
 
     def close(self) -> None:
         if self._tqdm is not None:

@@ -202,8 +202,7 @@ class BBT(_BlackBoxPromptSearch):
         self._setup(train, dev)
         state = self._resume() or {"es": self._strategy(0), "best_loss": np.inf, "best_logits": None}
         es = state["es"]
-        self.ctx.progress.total(self.config.budget // self.config.popsize * self.config.popsize, "call")
-        self.ctx.progress.advance(self.calls)
+        self.ctx.progress.total(self.config.budget // self.config.popsize * self.config.popsize, "call", self.calls)
         while self.calls + self.config.popsize <= self.config.budget:
             before = self.calls
             z = np.asarray(es.ask())
@@ -242,8 +241,7 @@ class BBTv2(_BlackBoxPromptSearch):
             "step": 0,  # round * layers + layer: the next generation to run
         }
         incumbent = state["incumbent"]
-        self.ctx.progress.total(rounds * self.slots * cfg.popsize, "call")
-        self.ctx.progress.advance(self.calls)
+        self.ctx.progress.total(rounds * self.slots * cfg.popsize, "call", self.calls)
         for step in range(state["step"], rounds * self.slots):
             slot, es = step % self.slots, state["strategies"][step % self.slots]
             before = self.calls

@@ -216,6 +216,18 @@ def test_run_progress_logs_an_estimate_of_the_time_left(caplog):
     assert (duration(59), duration(61), duration(3700)) == ("59s", "1m01s", "1h01m")
 
 
+def test_a_resumed_run_estimates_from_its_own_pace(caplog):
+    """Calls an earlier attempt made count as done, not as work this attempt did in its few seconds."""
+    from harness.progress import RunProgress
+
+    progress = RunProgress("bbt/agnews", log_every_s=0)
+    progress.total(8000, "call", done=1000)
+    progress.started -= 100  # this attempt: 50 calls in 100 s, so 6,950 calls left take about 3 h 52 min
+    with caplog.at_level("INFO", logger="harness"):
+        progress.advance(50)
+    assert "1050/8000 calls" in caplog.text and "~3h51m left" in caplog.text
+
+
 def test_convergence_axes_label_calls_briefly():
     from harness.report import _calls_label
 
