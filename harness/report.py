@@ -84,7 +84,8 @@ def _task_cells(runs: pd.DataFrame, tasks: list[str], headers: list[str]) -> dic
         row[header] = _cell(scores) if len(scores) else "–"
         if len(scores):
             means.append(scores.mean())
-    row["avg"] = f"{sum(means) / len(means):.2f}" + ("" if len(means) == len(tasks) else f" ({len(means)} tasks)")
+    partial = "" if len(means) == len(tasks) else f" ({len(means)} task{'s' * (len(means) > 1)})"
+    row["avg"] = f"{sum(means) / len(means):.2f}{partial}"
     return row
 
 
@@ -292,7 +293,9 @@ def convergence_figures(records: list[dict], folder: Path) -> list[Path]:
         groups.setdefault((r["backbone"], r["task"]), []).append(r)
     paths = []
     for (backbone, task), runs in sorted(groups.items()):
-        figure, (loss_ax, dev_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+        legend_rows = (len(runs) + 1) // 2  # one legend below both axes: inside them it hid the dev lines
+        height = 3.6 + 0.22 * legend_rows
+        figure, (loss_ax, dev_ax) = plt.subplots(1, 2, figsize=(10, height))
         for r in sorted(runs, key=lambda r: (r["method"], r["seed"], r["profile"], _dtype(r))):
             label = f"{r['method']} seed {r['seed']}, {r['profile']}, {_dtype(r)}, {r['meters']['device']}"
             train, dev = r["trace"]["train"], r["trace"]["dev"]
@@ -305,9 +308,9 @@ def convergence_figures(records: list[dict], folder: Path) -> list[Path]:
             ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # matplotlib's minor labels overlap on short spans
         loss_ax.set(xlabel="API calls", ylabel=f"best train loss ({runs[0]['trace'].get('loss', '')})", title=f"{task}: train")
         dev_ax.set(xlabel="API calls", ylabel=f"dev {runs[0]['metric']}", title=f"{task}: dev checks")
-        dev_ax.legend(fontsize=8)
+        figure.legend(*dev_ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
         figure.suptitle(f"{backbone}: black-box prompt search by API call")
-        figure.tight_layout()
+        figure.tight_layout(rect=(0, (0.22 * legend_rows + 0.1) / height, 1, 1))
         path = folder / f"convergence-{backbone}-{task}.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)

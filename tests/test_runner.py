@@ -232,3 +232,14 @@ def test_convergence_axes_label_calls_briefly():
     from harness.report import _calls_label
 
     assert [_calls_label(x) for x in (20, 200, 1000, 5000, 20000)] == ["20", "200", "1k", "5k", "20k"]
+
+
+def test_an_average_over_part_of_the_tasks_says_how_many():
+    import pandas as pd
+
+    from harness.report import _task_cells
+
+    runs = pd.DataFrame({"task": ["sst2", "sst2", "agnews"], "score": [60.0, 70.0, 80.0]})
+    assert _task_cells(runs, ["sst2", "agnews"], ["sst2", "agnews"])["avg"] == "72.50"
+    assert _task_cells(runs, ["sst2", "rte"], ["sst2", "rte"]) == {"sst2": "65.00 ± 5.00", "rte": "–", "avg": "65.00 (1 task)"}
+    assert _task_cells(runs, ["sst2", "agnews", "rte"], ["sst2", "agnews", "rte"])["avg"] == "72.50 (2 tasks)"
