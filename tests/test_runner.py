@@ -222,7 +222,7 @@ def test_a_resumed_run_estimates_from_its_own_pace(caplog):
 
     progress = RunProgress("bbt/agnews", log_every_s=0)
     progress.total(8000, "call", done=1000)
-    progress.started -= 100  # this attempt: 50 calls in 100 s, so 6,950 calls left take about 3 h 52 min
+    progress.started -= 100  # this attempt: 50 calls in 100 s, so 6,950 calls left take 3 h 51 min
     with caplog.at_level("INFO", logger="harness"):
         progress.advance(50)
     assert "1050/8000 calls" in caplog.text and "~3h51m left" in caplog.text
