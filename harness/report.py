@@ -293,8 +293,8 @@ def convergence_figures(records: list[dict], folder: Path) -> list[Path]:
         groups.setdefault((r["backbone"], r["task"]), []).append(r)
     paths = []
     for (backbone, task), runs in sorted(groups.items()):
-        legend_rows = (len(runs) + 1) // 2  # one legend below both axes: inside them it hid the dev lines
-        height = 3.6 + 0.22 * legend_rows
+        legend_height = 0.22 * ((len(runs) + 1) // 2)  # one legend below both axes: inside, it hid the dev lines
+        height = 3.6 + legend_height
         figure, (loss_ax, dev_ax) = plt.subplots(1, 2, figsize=(10, height))
         for r in sorted(runs, key=lambda r: (r["method"], r["seed"], r["profile"], _dtype(r))):
             label = f"{r['method']} seed {r['seed']}, {r['profile']}, {_dtype(r)}, {r['meters']['device']}"
@@ -310,7 +310,7 @@ def convergence_figures(records: list[dict], folder: Path) -> list[Path]:
         dev_ax.set(xlabel="API calls", ylabel=f"dev {runs[0]['metric']}", title=f"{task}: dev checks")
         figure.legend(*dev_ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
         figure.suptitle(f"{backbone}: black-box prompt search by API call")
-        figure.tight_layout(rect=(0, (0.22 * legend_rows + 0.1) / height, 1, 1))
+        figure.tight_layout(rect=(0, (legend_height + 0.1) / height, 1, 1))
         path = folder / f"convergence-{backbone}-{task}.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)
