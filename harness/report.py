@@ -6,6 +6,7 @@ Every table says which backbone, device, profile and package versions it comes f
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +17,16 @@ GROUP_ORDER = ["gradient-based", "gradient-free"]
 
 def _dtype(record: dict) -> str:
     return record["spec"].get("dtype", "float32")  # records from before dtype joined the spec ran in float32
+
+
+def _device(meters: dict) -> str:
+    """The device, and on a CPU the threads torch used where they were fewer than the cores: a run given one
+    thread beside another run takes longer, and its train time should say why."""
+    device, threads = meters["device"], meters.get("torch_threads")
+    cores = device.rsplit(" x", 1)[-1] if device.startswith("cpu:") else None
+    if threads and cores and cores.isdigit() and threads < int(cores):
+        return f"{device} ({threads} thread{'s' * (threads > 1)})"
+    return device
 
 
 def load_frame(records: list[dict]) -> pd.DataFrame:
@@ -41,7 +52,7 @@ def load_frame(records: list[dict]) -> pd.DataFrame:
                 "deployment_efficient": r["deployment_efficient"],
                 "fit_s": r["meters"].get("fit_s"),
                 "wall_s": r["meters"]["wall_s"],
-                "device": r["meters"]["device"],
+                "device": _device(r["meters"]),
                 "server_gpu_mb": r["meters"].get("server_gpu_peak_mb"),
                 "cpu_rss_mb": r["meters"].get("cpu_rss_peak_mb"),
                 "user_mb": r["meters"].get("user_heap_peak_mb", 0) + r["meters"].get("user_tensor_mb", 0),
@@ -108,9 +119,19 @@ def comparison_table(frame: pd.DataFrame) -> str:
         part = frame[frame["method"] == method]
         row = {"group": part["group"].iloc[0], "method": method, "tunable params": _params(part["tunable"].max())}
         row |= _task_cells(part, tasks, [_task_header(frame, task) for task in tasks])
-        row["seeds"] = ",".join(str(s) for s in sorted(part["seed"].unique()))
+        row["seeds"] = _seeds(part, tasks)
         rows.append(row)
     return _markdown(rows)
+
+
+def _seeds(runs: pd.DataFrame, tasks: list[str]) -> str:
+    """The seeds behind a row; where a task ran other seeds than the rest, it is named, so a ± is never read
+    as covering tasks that had one seed."""
+    by_task = {t: ",".join(str(s) for s in sorted(runs[runs["task"] == t]["seed"].unique())) for t in tasks}
+    by_task = {t: seeds for t, seeds in by_task.items() if seeds}
+    usual = Counter(by_task.values()).most_common(1)[0][0]
+    others = [f"{t}: {seeds}" for t, seeds in by_task.items() if seeds != usual]
+    return "; ".join([usual, *others])
 
 
 def _task_header(frame: pd.DataFrame, task: str) -> str:

@@ -243,3 +243,22 @@ def test_an_average_over_part_of_the_tasks_says_how_many():
     assert _task_cells(runs, ["sst2", "agnews"], ["sst2", "agnews"])["avg"] == "72.50"
     assert _task_cells(runs, ["sst2", "rte"], ["sst2", "rte"]) == {"sst2": "65.00 ± 5.00", "rte": "–", "avg": "65.00 (1 task)"}
     assert _task_cells(runs, ["sst2", "agnews", "rte"], ["sst2", "agnews", "rte"])["avg"] == "72.50 (2 tasks)"
+
+
+def test_the_seeds_column_names_a_task_that_ran_other_seeds():
+    import pandas as pd
+
+    from harness.report import _seeds
+
+    runs = pd.DataFrame({"task": ["sst2", "sst2", "sst2", "agnews", "rte"], "seed": [13, 42, 100, 42, 42]})
+    assert _seeds(runs, ["sst2", "agnews", "rte"]) == "42; sst2: 13,42,100"
+    assert _seeds(runs[runs["task"] != "sst2"], ["sst2", "agnews", "rte"]) == "42"
+
+
+def test_a_cpu_run_on_fewer_threads_than_cores_says_so():
+    from harness.report import _device
+
+    assert _device({"device": "cpu:x86_64 x2", "torch_threads": 1}) == "cpu:x86_64 x2 (1 thread)"
+    assert _device({"device": "cpu:x86_64 x2", "torch_threads": 2}) == "cpu:x86_64 x2"
+    assert _device({"device": "cuda:NVIDIA H200", "torch_threads": 1}) == "cuda:NVIDIA H200"
+    assert _device({"device": "cpu:x86_64 x2"}) == "cpu:x86_64 x2"  # records from before threads were metered
