@@ -318,7 +318,7 @@ def convergence_figures(records: list[dict], folder: Path) -> list[Path]:
         height = 3.6 + legend_height
         figure, (loss_ax, dev_ax) = plt.subplots(1, 2, figsize=(10, height))
         for r in sorted(runs, key=lambda r: (r["method"], r["seed"], r["profile"], _dtype(r))):
-            label = f"{r['method']} seed {r['seed']}, {r['profile']}, {_dtype(r)}, {r['meters']['device']}"
+            label = f"{r['method']} seed {r['seed']}, {r['profile']}, {_dtype(r)}, {_device(r['meters'])}"
             train, dev = r["trace"]["train"], r["trace"]["dev"]
             loss_ax.plot([t["calls"] for t in train], [t["best_loss"] for t in train], label=label)
             dev_ax.plot([d["calls"] for d in dev], [d["metric"] for d in dev], marker="o", markersize=3, label=label)
