@@ -8,7 +8,8 @@ Both loops run in one process on the same backbone, task, candidates and budget:
 It prints calls per second for both, their ratio, and the compute floor: the FLOPs the work needs
 (2 x non-embedding parameters x tokens that must pass through the body) over the matrix-multiply rate measured
 on this device, and the fraction of that floor each path reaches. Random weights of a named architecture time
-exactly like trained ones, so the benchmark runs where trained weights cannot travel.
+exactly like trained ones, so the benchmark runs where trained weights cannot travel. With `--compile MODE` it
+also times the default path with the backbone's layers under torch.compile, side by side with the eager one.
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ class BenchResult:
     calls: int
     seconds: float
     floor_seconds: float
-    setup_seconds: float = 0.0  # one-off work inside `seconds` (a whole fit's statistics query and projection)
+    setup_seconds: float = 0.0  # one-off work inside `seconds` (a fit's statistics query and projection; compiling)
+    parts: dict | None = None  # an end-to-end fit's seconds by where they went (see time_bbt_run)
 
     @property
     def calls_per_second(self) -> float:
@@ -125,12 +127,13 @@ class BenchResult:
 
     @property
     def floor_fraction(self) -> float:
-        return self.floor_seconds / self.seconds
+        """The floor over the time the calls took (one-off setup aside)."""
+        return self.floor_seconds / (self.seconds - self.setup_seconds)
 
 
 def run_bench(
     backbone: Backbone, texts: list[str], label_words: list[str], calls: int, reference_calls: int,
-    popsize: int = 20, n_tokens: int = 50, dim: int = 500, device: str = "cpu",
+    popsize: int = 20, n_tokens: int = 50, dim: int = 500, device: str = "cpu", compile: str | None = None,
 ) -> tuple[list[BenchResult], dict]:
     service = ModelService(backbone)
     spec = PromptSpec(n_tokens, 1, "add", "z", ProjectionSpec(dim, 0, (0.01,)))
@@ -175,6 +178,9 @@ def run_bench(
             service.prompted_label_logits(texts, label_words, z[i : i + popsize])
         _sync(device)
         default = BenchResult("default", calls, time.perf_counter() - start, floor(calls, needed))
+        results = [reference, default]
+        if compile:
+            results.append(_time_compiled(backbone, spec, texts, label_words, z[:calls], popsize, compile, device, default))
     facts = {
         "device": device_description(),
         "backbone": backbone.name,
@@ -187,28 +193,51 @@ def run_bench(
         "tokens_per_call_full": full_tokens,
         "tokens_per_call_needed": needed,
     }
-    return [reference, default], facts
+    return results, facts
+
+
+def _time_compiled(backbone, spec, texts, label_words, z, popsize, mode, device, default: BenchResult) -> BenchResult:
+    """The default path with the layers compiled (the same work, so the same floor); the first generation, which
+    compiles, is the one-off setup."""
+    service = ModelService(backbone, compile=mode)
+    service.configure_prompt(spec)
+    start = time.perf_counter()
+    service.prompted_label_logits(texts, label_words, z[:popsize])
+    _sync(device)
+    warm = time.perf_counter() - start
+    for i in range(0, len(z), popsize):
+        service.prompted_label_logits(texts, label_words, z[i : i + popsize])
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return BenchResult(f"default + torch.compile ({mode})", len(z), seconds, default.floor_seconds, warm)
 
 
 def time_bbt_run(
-    backbone: Backbone, card, prompt: PromptFormat, split, calls: int, seed: int, default: BenchResult, device: str
+    backbone: Backbone, card, prompt: PromptFormat, split, calls: int, seed: int, default: BenchResult, device: str,
+    compile: str | None = None,
 ) -> BenchResult:
     """A whole BBT run's training on the default path, end to end: CMA-ES on the user side, the one-off setup
     (statistics query, projection drawn; timed apart so a short run extrapolates honestly), `calls` API calls and
-    a dev check every 100 calls (the floor counts the train calls only)."""
+    a dev check every 100 calls (the floor counts the train calls only). Its `parts` split the time: the server's
+    forwards for the training calls and for the dev checks (its own clock), the setup, and the rest, which is
+    the user side (CMA-ES's ask and tell, the losses, bookkeeping)."""
     from methods import get_method
     from methods.base import RunContext
 
     cls = get_method("bbt")
-    service = ModelService(backbone)
+    service = ModelService(backbone, compile=compile)
     method = cls(cls.config_class(budget=calls), RunContext(card, prompt, seed, service=service))
     _sync(device)
     start = time.perf_counter()
     with torch.inference_mode():
         method.fit(split.train, split.dev)
     _sync(device)
+    seconds = time.perf_counter() - start
     floor = default.floor_seconds / default.calls * method.calls
-    return BenchResult("default, end to end (BBT fit)", method.calls, time.perf_counter() - start, floor, method.setup_s)
+    served = {phase: service.meter.phases[phase].seconds for phase in ("train", "dev")}
+    parts = {**served, "setup": method.setup_s, "user": seconds - method.setup_s - sum(served.values())}
+    path = "default" + (f" + torch.compile ({compile})" if compile else "")
+    return BenchResult(f"{path}, end to end (BBT fit)", method.calls, seconds, floor, method.setup_s, parts)
 
 
 def time_bbtv2_reuse(
@@ -251,7 +280,7 @@ def _float_copy(model):
 
 
 def render(results: list[BenchResult], facts: dict, command: str, bbtv2: dict | None = None) -> str:
-    reference, default = results[:2]
+    reference = results[0]
     lines = [
         "# BBT per-call cost: reference-style loop vs the default path",
         "",
@@ -272,7 +301,19 @@ def render(results: list[BenchResult], facts: dict, command: str, bbtv2: dict | 
             f"| {r.path} | {r.calls} | {r.seconds:.2f} ({r.setup_seconds:.2f}) | {r.calls_per_second:.3f} | "
             f"{r.seconds_for(8000):.0f} | {r.floor_seconds:.2f} | {100 * r.floor_fraction:.1f}% |"
         )
-    lines += ["", f"Speed-up of the default path per API call: **{default.calls_per_second / reference.calls_per_second:.2f}×**."]
+    for r in results[1:]:
+        if r.parts is None:  # the paths timed call by call (a fit's rows are about the whole run)
+            lines += ["", f"Speed-up of the {r.path} path per API call: **{r.calls_per_second / reference.calls_per_second:.2f}×**."]
+    for r in results:
+        if r.parts:
+            p, ms = r.parts, 1000 / r.calls
+            floor = r.floor_seconds / r.calls * 8000
+            lines += ["", f"**{r.path}**: 8,000 calls would take {r.seconds_for(8000):.1f} s, {r.seconds_for(8000) / floor:.2f}× "
+                      f"the compute floor for them ({floor:.1f} s). Where its time went ({r.calls} calls): the service's "
+                      "forwards for the training calls "
+                      f"{p['train']:.2f} s ({p['train'] * ms:.2f} ms a call), for the dev checks {p['dev']:.2f} s; the "
+                      f"one-off setup {p['setup']:.2f} s; the user side (CMA-ES ask and tell, losses, bookkeeping) "
+                      f"{p['user']:.2f} s ({p['user'] * ms:.2f} ms a call)."]
     if bbtv2:
         without, with_ = np.mean(bbtv2["without"]), np.mean(bbtv2["with"])
         lines += [
@@ -309,9 +350,12 @@ def bench_command(args) -> str:
     if args.calls % 20:
         raise HarnessError("--calls must be a multiple of the popsize (20)")
     texts = prompt.render_all(split.train)
-    results, facts = run_bench(backbone, texts, prompt.label_words, args.calls, args.reference_calls, device=device)
+    results, facts = run_bench(
+        backbone, texts, prompt.label_words, args.calls, args.reference_calls, device=device, compile=args.compile
+    )
     if args.end_to_end:
-        results.append(time_bbt_run(backbone, card, prompt, split, args.calls, args.seed, results[1], device))
+        for mode in (None, args.compile) if args.compile else (None,):
+            results.append(time_bbt_run(backbone, card, prompt, split, args.calls, args.seed, results[1], device, mode))
     bbtv2 = time_bbtv2_reuse(backbone, texts, prompt.label_words, device=device) if args.bbtv2 else None
     text = render(results, facts, "harness " + " ".join(args.argv), bbtv2)
     if args.out:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from harness.backbones import DEFAULT_BACKBONE, DTYPES, REGISTRY, get_spec, resolve_dtype
 from harness.check import DEFAULT_CONFIG, run_checks
+from harness.compiled import MODES as COMPILE_MODES
 from harness.errors import HarnessError, unknown_name
 from harness.profiles import PROFILES, default_profile, get_profile
 from harness.report import write_report
@@ -61,7 +62,7 @@ def cmd_run(args) -> int:
     log.info("backbone %s (%s); methods %s; tasks %s; seeds %s", args.backbone, dtype, methods, tasks, seeds)
     store = ResultsStore(args.results_dir)
     specs = expand(methods, tasks, seeds, args.backbone, profile, dtype)
-    options = {"bucketing": args.bucketing, "layer_reuse": args.layer_reuse}
+    options = {"bucketing": args.bucketing, "layer_reuse": args.layer_reuse, "compile": args.compile}
     summary = run_grid(specs, cards, profile, store, args.data_dir, options)
     report = write_report(store.records(), report_path(args))
     for line in summary.lines():
@@ -139,6 +140,8 @@ def parser() -> argparse.ArgumentParser:
                      help="prompted queries: one padded forward instead of forwards by similar length")
     run.add_argument("--no-layer-reuse", dest="layer_reuse", action="store_false",
                      help="BBTv2: compute every layer for every candidate instead of reusing the shared lower layers")
+    run.add_argument("--compile", choices=COMPILE_MODES, metavar="MODE",
+                     help=f"torch.compile the backbone's layers for service queries ({' | '.join(COMPILE_MODES)}; default: eager)")
     common(run)
     run.set_defaults(func=cmd_run)
 
@@ -164,6 +167,9 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
                        help="skip timing a whole BBT run (CMA-ES and dev checks included) of --calls calls")
     bench.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    bench.add_argument("--compile", choices=COMPILE_MODES, metavar="MODE",
+                       help="also time the default path, and the end-to-end fit, with the backbone's layers under "
+                            "torch.compile(mode=MODE)")
     bench.add_argument("--data-dir")
     bench.add_argument("--out", default="reports/performance.md")
     bench.set_defaults(func=cmd_bench)

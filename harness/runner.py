@@ -154,6 +154,7 @@ def run_one(
         },
         "meters": meters,
         "queries": service.meter.summary() if service else None,
+        "service_options": dict(service_options or {}) if service else None,
         "backbone_identity": backbone.identity,
         "versions": package_versions(),
         "started": started,
@@ -176,7 +177,8 @@ def run_grid(
     service_options: dict | None = None,
 ) -> GridSummary:
     """Runs the specs not yet finished in `store`. `service_options` switch the service's speed-ups
-    (ModelService's bucketing, layer_reuse); they change time, not results, so they are not part of a spec."""
+    (ModelService's bucketing, layer_reuse, compile); they change time, not results, so they are not part of a
+    spec (each record keeps them)."""
     summary = GridSummary()
     finished = store.finished_ids()
     pending = []

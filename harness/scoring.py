@@ -5,8 +5,8 @@
 - seq2seq: T5-style models read at decoder position 1 after `<start> <extra_id_0>`; BART-style denoisers read at
   the mask's position of the teacher-forced reconstruction.
 
-Only the label-word rows of the output layer are applied, so no full-vocabulary logits are ever formed for
-clm/seq2seq; tests compare every path with the model's own full forward.
+Only the label-word rows of the output layer are applied (after an MLM head's transform), so no
+full-vocabulary logits are ever formed; tests compare every path with the model's own full forward.
 
 Gradient methods reuse these paths (`Scorer.encode` and `forward_label_logits` are differentiable) and may pass
 `soft`: trainable inputs the body receives besides the text (see `SoftInputs`): virtual input vectors (prompt
@@ -90,15 +90,15 @@ class _Stop(Exception):
     """Raised by a capture hook: the layers above it are not needed."""
 
 
-def _capture_output(layer: torch.nn.Module, forward) -> object:
-    """Run forward() only as far as `layer` and return what the layer returned."""
+def _capture(module: torch.nn.Module, forward, inputs: bool = False) -> object:
+    """Run forward() only as far as `module` and return what it returned (with `inputs`: its first input)."""
     seen = []
 
-    def hook(module, args, output):
-        seen.append(output)
+    def hook(module, args, output=None):
+        seen.append(args[0] if inputs else output)
         raise _Stop
 
-    handle = layer.register_forward_hook(hook)
+    handle = module.register_forward_pre_hook(hook) if inputs else module.register_forward_hook(hook)
     try:
         forward()
     except _Stop:
@@ -106,7 +106,7 @@ def _capture_output(layer: torch.nn.Module, forward) -> object:
     finally:
         handle.remove()
     if not seen:
-        raise HarnessError(f"the forward never reached {type(layer).__name__}")
+        raise HarnessError(f"the forward never reached {type(module).__name__}")
     return seen[0]
 
 
@@ -123,13 +123,17 @@ def _tile(output, times: int, n: int):
 @contextmanager
 def _replaced(layers, output):
     """The given layers return `output` without computing: their work was done once, for all candidates."""
+    own = [layer.__dict__.get("forward") for layer in layers]  # a forward set on the instance (a compiled one)
     for layer in layers:
         layer.forward = lambda *args, **kwargs: output
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 def transformer_layers(model) -> torch.nn.ModuleList:
@@ -254,7 +258,7 @@ class Scorer:
         if shared == 0 or prompt.size == 1:
             return forward(prompt)
         layers = transformer_layers(self.model)
-        below = _capture_output(layers[shared - 1], lambda: forward(prompt.head(1)))
+        below = _capture(layers[shared - 1], lambda: forward(prompt.head(1)))
         with _replaced(layers[:shared], _tile(below, prompt.size, n)):
             return forward(prompt)
 
@@ -446,15 +450,18 @@ class MaskedScorer(Scorer):
         return self._mask_positions(input_ids)
 
     def _soft_label_logits(self, enc, label_ids, soft):
-        rows = self._body_hidden(enc, soft)
-        # the MLM head has a transform (dense, activation, norm) before the decoder: run it on the mask rows only
-        head = _mlm_head(self.model)
-        return head(rows)[:, label_ids]
-
+        return _mlm_label_logits(self.model, self._body_hidden(enc, soft), label_ids)
 
     def _label_logits(self, inputs, attention_mask, read_at, tiled, label_ids):
         hidden = self.model.base_model(**inputs, attention_mask=attention_mask).last_hidden_state
-        return _mlm_head(self.model)(self._rows(hidden, read_at))[:, label_ids]
+        return _mlm_label_logits(self.model, self._rows(hidden, read_at), label_ids)
+
+
+def _mlm_label_logits(model, rows: torch.Tensor, label_ids: list[int]) -> torch.Tensor:
+    """The MLM head on the read rows only: its transform (dense, activation, norm), then only the label rows of
+    its decoder (never the full vocabulary)."""
+    transformed = _capture(model.get_output_embeddings(), lambda: _mlm_head(model)(rows), inputs=True)
+    return _restricted_head(model, transformed, label_ids)
 
 
 def _mlm_head(model) -> torch.nn.Module:

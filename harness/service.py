@@ -3,19 +3,22 @@
 A method sends a query (a batch of rendered input texts and the label words it wants scored, plus any
 parameters such as a prompt) and receives float32 label logits. The service counts queries and the bytes each
 would carry over the wire, with the BBT paper's accounting: upload = UTF-8 text + label words + float32
-parameters; download = the float32 array returned (N x |labels| x 4 B for label logits).
+parameters; download = the float32 array returned (N x |labels| x 4 B for label logits). It also keeps its own
+time answering them, so a run's wall time splits into the server's part and the user's (an optimiser, a probe).
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from harness.backbones import Backbone
+from harness.compiled import CompiledLayers
 from harness.errors import HarnessError
 from harness.features import FeatureExtractor
 from harness.prompting import PromptSpec, draw_projections, placeholder_ids, project
@@ -27,6 +30,7 @@ class PhaseCount:
     queries: int = 0
     upload_bytes: int = 0
     download_bytes: int = 0
+    seconds: float = 0.0  # the server's time answering them (forwards and their set-up), not the user's
 
     def per_query(self) -> dict:
         n = max(self.queries, 1)
@@ -34,7 +38,7 @@ class PhaseCount:
 
 
 class QueryMeter:
-    """Counts queries and bytes, separately for each phase (train, eval) of a run."""
+    """Counts queries, bytes and the server's seconds, separately for each phase (train, eval) of a run."""
 
     def __init__(self):
         self.phases: dict[str, PhaseCount] = defaultdict(PhaseCount)
@@ -45,6 +49,9 @@ class QueryMeter:
         count.queries += 1
         count.upload_bytes += upload
         count.download_bytes += download
+
+    def add_time(self, seconds: float) -> None:
+        self.phases[self.phase].seconds += seconds
 
     def summary(self) -> dict:
         return {phase: {**vars(c), **c.per_query()} for phase, c in self.phases.items()}
@@ -100,7 +107,8 @@ class ModelService:
     """Server side: holds the backbone; a method sees only this object's public methods."""
 
     def __init__(
-        self, backbone: Backbone, max_batch: int = 64, max_tokens: int = 65536, bucketing: bool = True, layer_reuse: bool = True
+        self, backbone: Backbone, max_batch: int = 64, max_tokens: int = 65536, bucketing: bool = True,
+        layer_reuse: bool = True, compile: str | None = None,
     ):
         self._backbone = backbone
         self._scorer = make_scorer(backbone)
@@ -113,6 +121,8 @@ class ModelService:
         # BBTv2's candidates share the layers below the one they differ in (see Scorer.prompted_label_logits)
         self.bucketing = bucketing
         self.layer_reuse = layer_reuse
+        # torch.compile of the transformer layers (a mode name; None: eager), see harness/compiled.py
+        self._compiled = CompiledLayers(backbone.model, compile) if compile else None
         self._bucket_cache: dict[tuple[str, ...], tuple] = {}
         self.meter = QueryMeter()
         self._prompt: PromptSpec | None = None
@@ -147,6 +157,16 @@ class ModelService:
         finally:
             self.meter.phase = previous
 
+    @contextmanager
+    def _forwarding(self):
+        """Around a query's forwards: inference mode, the compiled layers if set, and the server's time kept."""
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode(), (self._compiled.active() if self._compiled else nullcontext()):
+                yield
+        finally:
+            self.meter.add_time(time.perf_counter() - start)
+
     def _ids(self, label_words: list[str]) -> list[int]:
         key = tuple(label_words)
         if key not in self._label_ids:
@@ -159,7 +179,7 @@ class ModelService:
         # length bucketing: forwards over texts of similar length waste little compute on padding
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         logits = np.zeros((len(texts), len(ids)), dtype=np.float32)
-        with torch.inference_mode():
+        with self._forwarding():
             for start in range(0, len(texts), self.max_batch):
                 chunk = order[start : start + self.max_batch]
                 logits[chunk] = self._scorer.label_logits([texts[i] for i in chunk], ids).float().cpu().numpy()
@@ -168,7 +188,7 @@ class ModelService:
 
     def hidden_stds(self, texts: list[str]) -> np.ndarray:
         """One query: the scale of each prompt slot's target (see Scorer.hidden_stds), for projection stds."""
-        with torch.inference_mode():
+        with self._forwarding():
             stds = np.asarray(self._scorer.hidden_stds(texts), dtype=np.float32)
         self.meter.record(text_bytes(texts), array_bytes(stds))
         return stds
@@ -189,16 +209,22 @@ class ModelService:
         candidates share forwards (population batching, chunked to max_tokens); `sequential` runs
         one candidate per forward. Each candidate is metered as its own query either way.
         """
-        spec = self._prompt
-        if spec is None:
+        if self._prompt is None:
             raise HarnessError("configure_prompt must be called before prompted queries")
         sent = np.asarray(sent, dtype=np.float32)
-        hidden = self.hidden_size
+        with self._forwarding():
+            logits = self._prompted(texts, self._ids(label_words), sent, sequential)
+        per_query_upload = text_bytes(texts) + text_bytes(label_words) + array_bytes(sent[0])
+        for candidate in logits:
+            self.meter.record(per_query_upload, array_bytes(candidate))
+        return logits
+
+    def _prompted(self, texts: list[str], ids: list[int], sent: np.ndarray, sequential: bool) -> np.ndarray:
+        spec, hidden = self._prompt, self.hidden_size
         if spec.send == "z":  # the server applies A on its own device (a 20 x 500 x 50*hidden product per generation)
             vectors = project(spec, sent, hidden, self._projections, self._scorer.device)
         else:
             vectors = torch.as_tensor(sent).view(-1, spec.slots, spec.n_tokens, hidden)
-        ids = self._ids(label_words)
         model = self._backbone.model
         dtype = next(model.parameters()).dtype
         placeholders = None
@@ -211,17 +237,12 @@ class ModelService:
         per_forward = 1 if sequential else max(1, self.max_tokens // widest)
         shared = shared_slots(sent) if self.layer_reuse and per_forward > 1 else 0
         logits = torch.zeros(vectors.shape[0], len(texts), len(ids))
-        with torch.inference_mode():
-            for start in range(0, vectors.shape[0], per_forward):
-                batch = PromptBatch(vectors[start : start + per_forward].to(self._scorer.device, dtype), placeholders)
-                outs = self._scorer.prompted_label_logits(encs, ids, batch, shared)
-                for group, out in zip(groups, outs):
-                    logits[start : start + batch.size, group] = out.float().cpu().view(batch.size, len(group), len(ids))
-        logits = logits.numpy()
-        per_query_upload = text_bytes(texts) + text_bytes(label_words) + array_bytes(sent[0])
-        for candidate in logits:
-            self.meter.record(per_query_upload, array_bytes(candidate))
-        return logits
+        for start in range(0, vectors.shape[0], per_forward):
+            batch = PromptBatch(vectors[start : start + per_forward].to(self._scorer.device, dtype), placeholders)
+            outs = self._scorer.prompted_label_logits(encs, ids, batch, shared)
+            for group, out in zip(groups, outs):
+                logits[start : start + batch.size, group] = out.float().cpu().view(batch.size, len(group), len(ids))
+        return logits.numpy()
 
     def _encoded_buckets(self, texts: list[str]) -> tuple[list[list[int]], list]:
         """The examples' groups and their encodings; a method sends the same train set every generation, so
@@ -245,6 +266,7 @@ class ModelService:
         """
         backbone = self._backbone
         extractor = FeatureExtractor(backbone.model, backbone.tokenizer, self.family, self._scorer.max_length)
-        result = extractor.extract(texts, kind, self.max_batch)
+        with self._forwarding():
+            result = extractor.extract(texts, kind, self.max_batch)
         self.meter.record(text_bytes(texts), int(result.nbytes))
         return result

@@ -37,9 +37,14 @@ def test_reference_style_and_default_paths_agree(kind):
 def test_bench_reports_both_paths_and_the_floor():
     backbone = tiny_backbone("gpt2")
     texts = ["the movie was good . it was"] * 4
-    results, facts = run_bench(backbone, texts, [" good", " bad"], calls=20, reference_calls=2, n_tokens=4, dim=8)
-    reference, default = results
-    assert (reference.calls, default.calls) == (2, 20)
+    results, facts = run_bench(
+        backbone, texts, [" good", " bad"], calls=20, reference_calls=2, n_tokens=4, dim=8, popsize=10, compile="default"
+    )
+    reference, default, compiled = results
+    assert (reference.calls, default.calls, compiled.calls) == (2, 20, 20)
+    # the compiled row does the same work; its first generation (compiling) is timed as one-off setup
+    assert compiled.path == "default + torch.compile (default)" and compiled.floor_seconds == default.floor_seconds
+    assert 0 < compiled.setup_seconds < compiled.seconds
     assert facts["tokens_per_call_needed"] < facts["tokens_per_call_full"]  # the shared prefix saves work
     assert 0 < default.floor_seconds and 0 < reference.floor_seconds
     assert facts["non_embedding_parameters"] == non_embedding_parameters(backbone.model) > 0
@@ -47,6 +52,7 @@ def test_bench_reports_both_paths_and_the_floor():
     assert bbtv2["slots"] == [0, 1] and len(bbtv2["with"]) == len(bbtv2["without"]) == 2
     text = render(results, facts, "harness bench --random", bbtv2)
     assert "reference-style" in text and "Speed-up of the default path" in text and facts["device"] in text
+    assert "Speed-up of the default + torch.compile (default) path" in text
     assert "with reuse" in text
 
 
@@ -66,3 +72,15 @@ def test_end_to_end_timing_runs_a_whole_bbt_fit(shared_data):
     assert 0 < result.setup_seconds < result.seconds
     assert result.seconds_for(40) == pytest.approx(result.seconds)
     assert result.seconds_for(8000) < 200 * result.seconds
+    # the time splits into the server's forwards (train, dev), the setup and the user side, and adds up
+    parts = result.parts
+    assert min(parts.values()) > 0 and sum(parts.values()) == pytest.approx(result.seconds)
+    assert parts["setup"] == result.setup_seconds
+    text = render([default, default, result], _facts(), "harness bench")
+    assert "8,000 calls would take" in text and "Where its time went (40 calls)" in text
+
+
+def _facts() -> dict:
+    return {"device": "cpu", "backbone": "tiny", "dtype": "float32", "examples_per_call": 4, "padded_length": 8,
+            "prompt_tokens": 4, "non_embedding_parameters": 1, "matmul_tflops": 1.0, "tokens_per_call_full": 1,
+            "tokens_per_call_needed": 1}

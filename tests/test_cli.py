@@ -22,6 +22,12 @@ def test_bad_input_is_a_clear_error(argv, message, capsys, tmp_path):
     assert message in capsys.readouterr().err
 
 
+def test_an_unknown_compile_mode_is_refused_by_the_parser(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["run", "--compile", "fast", "--results-dir", str(tmp_path)])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
 def test_missing_data_is_a_clear_error_before_any_compute(capsys, tmp_path):
     code = main(["run", "--datasets", "sst2", "--data-dir", str(tmp_path / "nowhere"), "--results-dir", str(tmp_path)])
     assert code == 2
@@ -35,6 +41,11 @@ def test_run_then_report(tmp_path, shared_data, monkeypatch, capsys):
     argv = ["run", "--datasets", "sst2,mrpc,dbpedia", "--backbone", "tiny-gpt2", "--eval-cap", "60",
             "--data-dir", str(shared_data), "--results-dir", str(tmp_path), "--report", str(report)]
     assert main(argv) == 0
+    from harness.store import ResultsStore
+
+    # each record keeps the service's switches it ran with (they change time, not results)
+    options = {r["service_options"]["compile"] for r in ResultsStore(tmp_path).records()}
+    assert options == {None}
     text = report.read_text()
     assert "| gradient-free | manual" in text
     for fragment in ("sst2 †", "dbpedia †", "mrpc (F1) †", "n/a (CPU)", "profile `quick`", "torch 2.", "pool of 3,607"):

@@ -41,7 +41,12 @@ def test_scoring_path_matches_full_forward(kind):
     scorer = make_scorer(backbone)
     texts = [t.replace("{mask}", mask_string(backbone.tokenizer, backbone.family)) for t in TEXTS]
     ids = label_token_ids(backbone.tokenizer, LABELS)
+    # the output layer never runs whole: only its label rows are applied (no full-vocabulary logits)
+    head_runs = []
+    handle = backbone.model.get_output_embeddings().register_forward_hook(lambda *args: head_runs.append(1))
     got = scorer.label_logits(texts, ids)
+    handle.remove()
+    assert not head_runs
     want = reference_logits(backbone, texts, ids)
     assert got.shape == (3, 3)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -1,9 +1,10 @@
-"""The service boundary's byte accounting (BBT paper: float32; one query = the whole train set)."""
+"""The service boundary: byte accounting (BBT paper: float32; one query = the whole train set), its time, its switches."""
 
 import numpy as np
 import pytest
 
 from harness.data import load_task_data, make_split
+from harness.errors import HarnessError
 from harness.prompts import PromptFormat
 from harness.service import ModelService, text_bytes
 from harness.tasks import get_card
@@ -44,3 +45,45 @@ def test_length_bucketing_keeps_each_row_with_its_text():
     together = service.label_logits(texts, [" good", " bad"])
     alone = np.concatenate([service.label_logits([t], [" good", " bad"]) for t in texts])
     np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["roberta", "gpt2"])
+def test_compiled_layers_give_the_eager_logits(kind):
+    """torch.compile of the layers (opt-in) changes time only: the same logits as eager for BBT- and BBTv2-shaped
+    queries (deep-prompt hooks, layer reuse, a cache for a causal LM), and the backbone is left eager after."""
+    from torch._dynamo.utils import counters
+
+    from harness.prompting import ProjectionSpec, PromptSpec
+    from harness.scoring import transformer_layers
+
+    graphs = counters["stats"]["unique_graphs"]
+    backbone = tiny_backbone(kind)
+    eager, compiled = ModelService(backbone), ModelService(backbone, compile="default")
+    spec = PromptSpec(3, 2, "add", "z", ProjectionSpec(8, 0, (0.5, 0.5)))
+    for service in (eager, compiled):
+        service.configure_prompt(spec)
+    mask = eager.mask
+    texts = [f"good {mask}", f"the movie was good and the film was good . {mask}", f"bad film {mask} ."]
+    z = np.random.RandomState(0).randn(4, 2, 8).astype(np.float32)
+    z[:, 0] = z[0, 0]  # BBTv2's generation: slot 0 shared, so the layers below slot 1 are reused
+    for sent, batch in ((z, texts), (z[:1], texts[:2]), (np.random.RandomState(1).randn(4, 2, 8).astype(np.float32), texts)):
+        np.testing.assert_allclose(
+            compiled.prompted_label_logits(batch, [" good", " bad"], sent),
+            eager.prompted_label_logits(batch, [" good", " bad"], sent), rtol=1e-4, atol=1e-5,
+        )
+    np.testing.assert_allclose(compiled.label_logits(texts, [" good"]), eager.label_logits(texts, [" good"]), rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] > graphs  # the layers did run compiled
+    assert not any("forward" in vars(layer) for layer in transformer_layers(backbone.model))
+
+
+def test_unknown_compile_mode_is_an_error():
+    with pytest.raises(HarnessError, match="unknown torch.compile mode 'fast'"):
+        ModelService(tiny_backbone("gpt2"), compile="fast")
+
+
+def test_the_server_s_time_is_kept_per_phase():
+    service = ModelService(tiny_backbone("roberta"))
+    with service.phase("eval"):
+        service.label_logits([f"a {service.mask} ."], [" good"])
+    summary = service.meter.summary()
+    assert summary["eval"]["seconds"] > 0 and "train" not in summary
