@@ -171,16 +171,14 @@ def run_bench(
             reference_call(ref_scorer, ref_enc, label_ids, PromptBatch(vectors, placeholders))
         _sync(device)
         reference = BenchResult("reference-style", reference_calls, time.perf_counter() - start, floor(reference_calls, full_tokens))
-        service.prompted_label_logits(texts, label_words, z[:popsize])  # warm-up
-        _sync(device)
-        start = time.perf_counter()
-        for i in range(0, calls, popsize):
-            service.prompted_label_logits(texts, label_words, z[i : i + popsize])
-        _sync(device)
-        default = BenchResult("default", calls, time.perf_counter() - start, floor(calls, needed))
+        _, seconds = _time_generations(service, texts, label_words, z[:calls], popsize, device)  # warm-up untimed
+        default = BenchResult("default", calls, seconds, floor(calls, needed))
         results = [reference, default]
-        if compile:
-            results.append(_time_compiled(backbone, spec, texts, label_words, z[:calls], popsize, compile, device, default))
+        if compile:  # the same work, so the same floor; the first generation, which compiles, is one-off setup
+            compiled = ModelService(backbone, compile=compile)
+            compiled.configure_prompt(spec)
+            warm, seconds = _time_generations(compiled, texts, label_words, z[:calls], popsize, device)
+            results.append(BenchResult(f"default + torch.compile ({compile})", calls, warm + seconds, default.floor_seconds, warm))
     facts = {
         "device": device_description(),
         "backbone": backbone.name,
@@ -196,20 +194,17 @@ def run_bench(
     return results, facts
 
 
-def _time_compiled(backbone, spec, texts, label_words, z, popsize, mode, device, default: BenchResult) -> BenchResult:
-    """The default path with the layers compiled (the same work, so the same floor); the first generation, which
-    compiles, is the one-off setup."""
-    service = ModelService(backbone, compile=mode)
-    service.configure_prompt(spec)
+def _time_generations(service, texts, label_words, z, popsize, device) -> tuple[float, float]:
+    """Seconds for a first, warm-up generation and then for all of z, a generation per request."""
     start = time.perf_counter()
     service.prompted_label_logits(texts, label_words, z[:popsize])
     _sync(device)
     warm = time.perf_counter() - start
+    start = time.perf_counter()
     for i in range(0, len(z), popsize):
         service.prompted_label_logits(texts, label_words, z[i : i + popsize])
     _sync(device)
-    seconds = time.perf_counter() - start
-    return BenchResult(f"default + torch.compile ({mode})", len(z), seconds, default.floor_seconds, warm)
+    return warm, time.perf_counter() - start
 
 
 def time_bbt_run(

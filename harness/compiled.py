@@ -31,17 +31,17 @@ class CompiledLayers:
             raise HarnessError(f"unknown torch.compile mode '{mode}'; choose one of: {', '.join(MODES)}")
         self.layers = transformer_layers(model)
         self.forwards = [torch.compile(layer.forward, mode=mode, dynamic=True) for layer in self.layers]
+        # a decoder layer keeps its index as an int attribute: left static, every layer of the stack would be a
+        # recompilation, and the default limit (8) would send deep stacks back to eager
+        config = {"allow_unspec_int_on_nn_module": True, "recompile_limit": max(8, 2 * len(self.layers))}
+        self.config = {k: v for k, v in config.items() if hasattr(torch._dynamo.config, k)}  # older torch lacks some
 
     @contextmanager
     def active(self):
         for layer, forward in zip(self.layers, self.forwards):
             layer.forward = forward
-        # a decoder layer keeps its index as an int attribute: left static, every layer of the stack would be a
-        # recompilation, and the default limit (8) would send deep stacks back to eager
-        config = {"allow_unspec_int_on_nn_module": True, "recompile_limit": max(8, 2 * len(self.layers))}
-        known = {k: v for k, v in config.items() if hasattr(torch._dynamo.config, k)}  # older torch lacks some
         try:
-            with torch._dynamo.config.patch(**known):
+            with torch._dynamo.config.patch(**self.config):
                 yield
         finally:
             for layer in self.layers:
