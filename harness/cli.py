@@ -15,7 +15,7 @@ from harness.errors import HarnessError, unknown_name
 from harness.profiles import PROFILES, default_profile, get_profile
 from harness.report import write_report
 from harness.runner import expand, run_grid
-from harness.store import ResultsStore
+from harness.store import ResultsStore, published
 from harness.tasks import load_cards
 from methods import registry
 
@@ -64,7 +64,7 @@ def cmd_run(args) -> int:
     specs = expand(methods, tasks, seeds, args.backbone, profile, dtype)
     options = {"bucketing": args.bucketing, "layer_reuse": args.layer_reuse, "compile": args.compile}
     summary = run_grid(specs, cards, profile, store, args.data_dir, options)
-    report = write_report(store.records(), report_path(args))
+    report = write_report(published(report_path(args), store), report_path(args))
     for line in summary.lines():
         log.info("%s", line)
     log.info("results: %s; report: %s", store.path, report)
@@ -72,7 +72,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    records = ResultsStore(args.results_dir).records()
+    records = published(report_path(args), ResultsStore(args.results_dir))
     path = write_report(records, report_path(args))
     print(path.read_text() if args.print else f"wrote {path}")
     return 0
@@ -121,9 +121,9 @@ def parser() -> argparse.ArgumentParser:
 
     def common(p):
         p.add_argument("--results-dir", default=DEFAULT_RESULTS, help="the results store (default: results/)")
-        p.add_argument("--report", help="where the markdown report is written (default: reports/results.md, or "
-                       "results.md inside --results-dir when that is not the default, so a side store never "
-                       "overwrites the committed report)")
+        p.add_argument("--report", help="where the markdown report is written, its records beside it as .jsonl "
+                       "(default: reports/results.md, or results.md inside --results-dir when that is not the "
+                       "default, so a side store never touches the committed report)")
         p.add_argument("--tasks-dir", action="append", help="extra folder of task cards (repeatable)")
 
     run = sub.add_parser("run", help="run methods x tasks x seeds on one backbone; finished runs are skipped")
@@ -145,7 +145,7 @@ def parser() -> argparse.ArgumentParser:
     common(run)
     run.set_defaults(func=cmd_run)
 
-    report = sub.add_parser("report", help="regenerate the markdown report from the results store")
+    report = sub.add_parser("report", help="regenerate the markdown report from its records and the results store")
     report.add_argument("--print", action="store_true", help="also print the report")
     common(report)
     report.set_defaults(func=cmd_report)

@@ -1,5 +1,7 @@
 """The command line: clear errors for bad input, and the report from the store."""
 
+import json
+
 import pytest
 
 import harness.runner as runner
@@ -56,6 +58,13 @@ def test_run_then_report(tmp_path, shared_data, monkeypatch, capsys):
     assert "79.82" not in text.split("### Beside the published numbers")[0]
     assert main(["report", "--results-dir", str(tmp_path), "--report", str(report), "--print"]) == 0
     assert "### Cost" in capsys.readouterr().out
+    # the report's records travel beside it: with the local store gone, it regenerates the same tables
+    twin = report.with_suffix(".jsonl")
+    assert sorted(r["task"] for r in ResultsStore(tmp_path).records()) == sorted(
+        json.loads(line)["task"] for line in twin.read_text().splitlines())
+    (tmp_path / "results.jsonl").unlink()
+    assert main(["report", "--results-dir", str(tmp_path / "fresh"), "--report", str(report)]) == 0
+    assert report.read_text() == text
 
 
 def test_a_side_store_gets_its_report_beside_it_not_over_the_committed_one(tmp_path, monkeypatch):
@@ -78,6 +87,10 @@ def test_report_draws_convergence_figures_and_the_versatility_table(tmp_path, sh
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = report.read_text()
     assert "![convergence-tiny-gpt2-sst2](convergence-tiny-gpt2-sst2.png)" in text
+    stale = tmp_path / "out" / "convergence-gone-sst2.png"  # a figure of runs the records no longer hold
+    stale.write_bytes(png.read_bytes())
+    assert main(["report", "--results-dir", str(tmp_path), "--report", str(report)]) == 0
+    assert png.exists() and not stale.exists()
     versatility = text.split("## Versatility: BBT and BBTv2 across backbones, profile `quick`")[1]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in versatility.splitlines() if line.startswith("| tiny-")]
     # backbone, method and the calls each spent (BBTv2's one round: 2 layers x popsize 20)

@@ -1,5 +1,6 @@
 """The runner and results store: records, resume, failures, and what a black-box method can reach."""
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -262,3 +263,25 @@ def test_a_cpu_run_on_fewer_threads_than_cores_says_so():
     assert _device({"device": "cpu:x86_64 x2", "torch_threads": 2}) == "cpu:x86_64 x2"
     assert _device({"device": "cuda:NVIDIA H200", "torch_threads": 1}) == "cuda:NVIDIA H200"
     assert _device({"device": "cpu:x86_64 x2"}) == "cpu:x86_64 x2"  # records from before threads were metered
+
+
+def test_a_report_keeps_its_published_records_and_takes_the_stores_newer_ones(tmp_path):
+    from harness.store import published
+
+    def record(run_id, started, status="ok", score=50.0):
+        return {"run_id": run_id, "started": started, "status": status, "metrics": {"score": score}}
+
+    report = tmp_path / "reports" / "results.md"
+    report.with_suffix(".jsonl").parent.mkdir()
+    behind = [record("a", 1), record("b", 1), record("e", 5, score=90.0)]
+    report.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in behind))
+    store = ResultsStore(tmp_path / "local")
+    for r in [record("b", 2, score=70.0), record("c", 2, status="failed"), record("d", 2), record("e", 3)]:
+        store.append(r)
+    kept = published(report, store)
+    # b: the store's rerun is newer; e: the published record is newer than the store's (pulled after it ran)
+    assert [(r["run_id"], r["metrics"]["score"]) for r in kept] == [("a", 50.0), ("b", 70.0), ("d", 50.0), ("e", 90.0)]
+    assert [json.loads(line) for line in report.with_suffix(".jsonl").read_text().splitlines()] == kept
+    # a side store's report sits beside it: the store is the report's records, left as it is (failures too)
+    assert len(published(tmp_path / "local" / "results.md", store)) == 4
+    assert len(store.records()) == 4
