@@ -64,16 +64,17 @@ def cmd_run(args) -> int:
     specs = expand(methods, tasks, seeds, args.backbone, profile, dtype)
     options = {"bucketing": args.bucketing, "layer_reuse": args.layer_reuse, "compile": args.compile}
     summary = run_grid(specs, cards, profile, store, args.data_dir, options)
-    report = write_report(published(report_path(args), store), report_path(args))
+    path = report_path(args)
+    write_report(published(path, store), path)
     for line in summary.lines():
         log.info("%s", line)
-    log.info("results: %s; report: %s", store.path, report)
+    log.info("results: %s; report: %s", store.path, path)
     return 1 if summary.failed else 0
 
 
 def cmd_report(args) -> int:
-    records = published(report_path(args), ResultsStore(args.results_dir))
-    path = write_report(records, report_path(args))
+    path = report_path(args)
+    write_report(published(path, ResultsStore(args.results_dir)), path)
     print(path.read_text() if args.print else f"wrote {path}")
     return 0
 
