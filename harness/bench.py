@@ -27,6 +27,7 @@ from harness.meters import device_description
 from harness.prompting import ProjectionSpec, PromptSpec, placeholder_ids, project
 from harness.prompts import PromptFormat
 from harness.scoring import PromptBatch, label_token_ids
+from harness.server import ModelServer
 from harness.service import ModelService
 
 
@@ -56,9 +57,13 @@ def random_backbone(arch: str, device: str, dtype: torch.dtype) -> Backbone:
 
     from harness.synthetic import synthetic_tokenizer
 
+    from harness.synthetic import TINY_KINDS, tiny_backbone
+
+    if arch.startswith("tiny-") and arch[5:] in TINY_KINDS:  # the tests' tiny models (a served test backbone)
+        return tiny_backbone(arch[5:])
     archs = _architectures()
     if arch not in archs:
-        raise unknown_name("architecture", arch, archs)
+        raise unknown_name("architecture", arch, [*archs, *(f"tiny-{k}" for k in TINY_KINDS)])
     family, make = archs[arch]
     auto = {"clm": tf.AutoModelForCausalLM, "mlm": tf.AutoModelForMaskedLM, "seq2seq": tf.AutoModelForSeq2SeqLM}
     model = auto[family].from_config(make(), dtype=dtype).to(device).eval()
@@ -135,10 +140,11 @@ def run_bench(
     backbone: Backbone, texts: list[str], label_words: list[str], calls: int, reference_calls: int,
     popsize: int = 20, n_tokens: int = 50, dim: int = 500, device: str = "cpu", compile: str | None = None,
 ) -> tuple[list[BenchResult], dict]:
-    service = ModelService(backbone)
+    server = ModelServer(backbone)  # the server's own interface: its scorer, beside the client's queries
+    service = ModelService(server)
     spec = PromptSpec(n_tokens, 1, "add", "z", ProjectionSpec(dim, 0, (0.01,)))
     service.configure_prompt(spec)
-    scorer, model = service._scorer, backbone.model
+    scorer, model = server.scorer, backbone.model
     label_ids = label_token_ids(backbone.tokenizer, label_words)
     enc = scorer.encode(texts)
     n, length = enc.input_ids.shape
