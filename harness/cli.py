@@ -55,21 +55,77 @@ def cmd_run(args) -> int:
     cards = load_cards(args.tasks_dir)
     methods = _names(args.methods, registry(), "method")
     tasks = _names(args.datasets, cards, "task")
-    get_spec(args.backbone)
     seeds = _seeds(args.seeds, profile)
-    dtype = resolve_dtype(args.dtype)
+    remote = None
+    if args.service_url:
+        remote, backbone, dtype = _remote(args)
+    else:
+        backbone = args.backbone or DEFAULT_BACKBONE
+        get_spec(backbone)
+        dtype = resolve_dtype(args.dtype)
     log.info("profile %s: %s", profile.name, profile.description)
-    log.info("backbone %s (%s); methods %s; tasks %s; seeds %s", args.backbone, dtype, methods, tasks, seeds)
+    log.info("backbone %s (%s); methods %s; tasks %s; seeds %s", backbone, dtype, methods, tasks, seeds)
     store = ResultsStore(args.results_dir)
-    specs = expand(methods, tasks, seeds, args.backbone, profile, dtype)
+    specs = expand(methods, tasks, seeds, backbone, profile, dtype)
     options = {"bucketing": args.bucketing, "layer_reuse": args.layer_reuse, "compile": args.compile}
-    summary = run_grid(specs, cards, profile, store, args.data_dir, options)
+    summary = run_grid(specs, cards, profile, store, args.data_dir, options, remote)
     path = report_path(args)
     write_report(published(path, store), path)
     for line in summary.lines():
         log.info("%s", line)
     log.info("results: %s; report: %s", store.path, path)
     return 1 if summary.failed else 0
+
+
+def _remote(args):
+    """The server named by --service-url: its backbone and dtype (from /v1/info) stand in for --backbone and
+    --dtype, which may only repeat them; the server's own options replace this side's service switches."""
+    from harness.client import read_key
+    from harness.runner import Remote
+
+    remote = Remote(args.service_url, read_key(args.api_key_file))
+    service = remote.connect()
+    info = service.info
+    service.close()
+    if args.backbone and args.backbone != info.name:
+        raise HarnessError(f"--backbone {args.backbone}, but the server at {args.service_url} serves {info.name}")
+    if args.dtype != "auto" and args.dtype != info.dtype:
+        raise HarnessError(f"--dtype {args.dtype}, but the server at {args.service_url} computes in {info.dtype}")
+    if args.compile or not args.bucketing or not args.layer_reuse:
+        raise HarnessError("--compile, --no-bucketing and --no-layer-reuse are the server's options: give them to `harness serve`")
+    log.info("model service %s: %s (%s, %s) on %s", args.service_url, info.name, info.family, info.dtype, info.device)
+    return remote, info.name, info.dtype
+
+
+def cmd_serve(args) -> int:
+    from harness.backbones import DTYPES, default_device, load_backbone
+    from harness.bench import random_backbone
+    from harness.client import read_key
+    from harness.protocol import Limits
+    from harness.serve import ServeConfig, is_loopback, serve
+    from harness.server import ModelServer
+
+    key = read_key(args.api_key_file)
+    if not is_loopback(args.host) and not key:  # refused before anything loads
+        raise HarnessError(f"binding to {args.host} (not a loopback address) needs an API key: pass --api-key-file")
+    device = args.device or default_device()
+    dtype = resolve_dtype(args.dtype, device)
+    if args.random:
+        backbone = random_backbone(args.backbone, device, DTYPES[dtype])
+    else:
+        backbone = load_backbone(args.backbone, device=device, dtype=dtype)
+    limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars, max_candidates=args.max_candidates,
+                    max_prompt_tokens=args.max_prompt_tokens, max_prompts=args.max_prompts, max_in_flight=args.max_in_flight)
+    server = ModelServer(backbone, bucketing=args.bucketing, layer_reuse=args.layer_reuse, compile=args.compile, limits=limits)
+    serve(server, ServeConfig(args.host, args.port, key, args.batching, args.batch_window_ms, args.max_batch_requests))
+    return 0
+
+
+def cmd_bench_serve(args) -> int:
+    from harness.serve_bench import bench_serve_command
+
+    print(bench_serve_command(args))
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -131,7 +187,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--methods", default="manual", help="comma-separated method names, or 'all'")
     run.add_argument("--datasets", default="all", help="comma-separated task names, or 'all'")
     run.add_argument("--seeds", help="comma-separated split seeds (default: the profile's)")
-    run.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    run.add_argument("--backbone", help=f"a registered backbone (default {DEFAULT_BACKBONE}; with --service-url, the server's)")
+    run.add_argument("--service-url", help="run the black-box methods against `harness serve` at this URL (no model here)")
+    run.add_argument("--api-key-file", help="the server's API key, in a file (with --service-url)")
     run.add_argument("--profile", help="paper | quick (default: paper with a GPU, quick without)")
     run.add_argument("--eval-cap", type=int, help="score at most N eval rows per task, stratified (0: all)")
     run.add_argument("--data-dir", help="local task data laid out like shared/data (else HARNESS_DATA_DIR, else the hub)")
@@ -175,6 +233,44 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="reports/performance.md")
     bench.set_defaults(func=cmd_bench)
 
+    srv = sub.add_parser("serve", help="the model service over HTTP: one backbone for many tuning clients")
+    srv.add_argument("--backbone", default=DEFAULT_BACKBONE, help="a registered backbone, or an architecture with --random")
+    srv.add_argument("--random", action="store_true",
+                     help="random weights of the named architecture (e.g. roberta-large; tiny-gpt2 etc. for tests)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (anything but loopback needs --api-key-file)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key-file", help="require this key (first line of the file) on every route but /v1/health")
+    srv.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    srv.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    srv.add_argument("--no-batching", dest="batching", action="store_false",
+                     help="answer every request alone (default: concurrent requests that can share forwards do)")
+    srv.add_argument("--batch-window-ms", type=float, default=2.0, help="wait this long for more requests to batch")
+    srv.add_argument("--max-batch-requests", type=int, default=8, help="requests answered in one group at most")
+    srv.add_argument("--max-texts", type=int, default=512, help="texts per request")
+    srv.add_argument("--max-chars", type=int, default=16384, help="characters per text")
+    srv.add_argument("--max-candidates", type=int, default=256, help="prompt candidates per request")
+    srv.add_argument("--max-prompt-tokens", type=int, default=256, help="n_tokens of a prompt")
+    srv.add_argument("--max-prompts", type=int, default=16, help="configured prompts kept (least recently used dropped)")
+    srv.add_argument("--max-in-flight", type=int, default=64, help="requests in flight; more get 503")
+    srv.add_argument("--no-bucketing", dest="bucketing", action="store_false")
+    srv.add_argument("--no-layer-reuse", dest="layer_reuse", action="store_false")
+    srv.add_argument("--compile", choices=COMPILE_MODES, metavar="MODE")
+    srv.set_defaults(func=cmd_serve)
+
+    bs = sub.add_parser("bench-serve", help="the model service's cost over HTTP: in-process vs loopback, bytes, memory, "
+                        "concurrent clients with batching on and off")
+    bs.add_argument("--backbone", default=DEFAULT_BACKBONE, help="a registered backbone, or an architecture with --random")
+    bs.add_argument("--random", action="store_true", help="random weights of the named architecture (timing only)")
+    bs.add_argument("--task", default="sst2")
+    bs.add_argument("--calls", type=int, default=60, help="BBT API calls per client (a multiple of 20)")
+    bs.add_argument("--clients", type=int, default=4, help="concurrent BBT clients for the throughput rows")
+    bs.add_argument("--dtype", default="float32", choices=["auto", *DTYPES])
+    bs.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    bs.add_argument("--seed", type=int, default=42)
+    bs.add_argument("--data-dir")
+    bs.add_argument("--out", default="reports/serving.md")
+    bs.set_defaults(func=cmd_bench_serve)
+
     listing = sub.add_parser("list", help="list methods, tasks, backbones and profiles")
     listing.add_argument("--tasks-dir", action="append")
     listing.set_defaults(func=cmd_list)
@@ -190,6 +286,7 @@ def _quiet_libraries() -> None:
     import transformers
 
     datasets.disable_progress_bars()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per HTTP request otherwise
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 

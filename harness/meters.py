@@ -1,6 +1,8 @@
 """Run meters: wall time, server GPU memory (pynvml, sampled, and torch's own peak), user-side memory.
 
-In this single-process benchmark the server and the user share a process, so:
+Over HTTP (`harness run --service-url`) the run's process is the user's alone: its sampled peak resident memory
+is the user side, measured (the runner records it as `client_rss_peak_mb`, beside the server's own peak). In
+process, the server and the user share a process, so:
 - server memory is the GPU's (pynvml's device-used peak; torch's max_memory_allocated beside it);
 - user-side memory is the peak of Python/NumPy heap allocations made during the run (tracemalloc), which is
   where the user-side state of black-box methods lives (CMA-ES, projections, probes' features); torch tensors a

@@ -58,6 +58,14 @@ def load_frame(records: list[dict]) -> pd.DataFrame:
                 "user_mb": r["meters"].get("user_heap_peak_mb", 0) + r["meters"].get("user_tensor_mb", 0),
                 "upload_b": (phase or {}).get("upload_per_query_bytes"),
                 "download_b": (phase or {}).get("download_per_query_bytes"),
+                # measured where the run went over HTTP (harness run --service-url): absent for in-process runs
+                "transport": (r.get("service") or {}).get("transport", "in-process"),
+                "wire_up_b": (phase or {}).get("wire_up_per_query_bytes"),
+                "wire_down_b": (phase or {}).get("wire_down_per_query_bytes"),
+                "latency_s": (phase or {}).get("latency_per_query_s"),
+                "server_s": (phase or {}).get("server_per_query_s"),
+                "client_rss_mb": r["meters"].get("client_rss_peak_mb"),
+                "server_rss_mb": r["meters"].get("server_peak_rss_mb"),
                 "eval_size": r["split"]["eval_size"],
                 "eval_full_size": r["split"]["eval_full_size"],
                 "caveats": r["split"]["caveats"],
@@ -164,6 +172,7 @@ def cost_table(frame: pd.DataFrame, tasks=("sst2", "agnews")) -> str:
     """The BBT paper's cost table: flags, score, training time, memory, bytes per query."""
     rows = []
     tasks = [t for t in tasks if t in set(frame["task"])]
+    wired = "transport" in frame and (frame["transport"] == "http").any()
     for method in _method_order(frame):
         part = frame[(frame["method"] == method) & frame["task"].isin(tasks)]
         if part.empty:
@@ -188,8 +197,35 @@ def cost_table(frame: pd.DataFrame, tasks=("sst2", "agnews")) -> str:
                 "download/query": each(lambda p: _bytes(p["download_b"].mean())) if served else "–",
             }
         )
+        if wired:
+            rows[-1] |= _measured(part, by_task) if served else dict.fromkeys(MEASURED, "–")
     header = f"Tasks: {' / '.join(tasks)}. Per-query bytes are those of training queries (of eval queries where a method sends none)."
+    if wired:
+        header += (" Where a run went over HTTP (`harness run --service-url`), the last columns are measured: the request and "
+                   "response bodies per query (up / down), the latency the client saw per query against the server's compute "
+                   "time, and the peak resident memory of the client process, which holds no model (the user side), against "
+                   "the server process's.")
     return header + "\n\n" + _markdown(rows)
+
+
+MEASURED = ("wire up↑ down↓ per query", "latency per query (server)", "client RSS (server RSS)")
+
+
+def _measured(part: pd.DataFrame, by_task: dict) -> dict:
+    """The measured cost cells of an HTTP run (– for a task whose runs went in process)."""
+
+    def each(fn):
+        cells = []
+        for p in by_task.values():
+            http = p[p["transport"] == "http"]
+            cells.append(fn(http) if len(http) else "–")
+        return " / ".join(cells)
+
+    return {
+        MEASURED[0]: each(lambda p: f"↑{_bytes(p['wire_up_b'].mean())} ↓{_bytes(p['wire_down_b'].mean())}"),
+        MEASURED[1]: each(lambda p: f"{1000 * p['latency_s'].mean():.1f} ms ({1000 * p['server_s'].mean():.1f} ms)"),
+        MEASURED[2]: each(lambda p: f"{_mb(p['client_rss_mb'].max())} ({_mb(p['server_rss_mb'].max())})"),
+    }
 
 
 def provenance(frame: pd.DataFrame) -> str:

@@ -30,7 +30,7 @@ from harness.scoring import mask_string
 from harness.service import ModelService
 from harness.store import ResultsStore, RunSpec
 from harness.tasks import TaskCard
-from methods import get_method
+from methods import get_method, registry
 from methods.base import RunContext
 
 log = logging.getLogger("harness")
@@ -87,13 +87,21 @@ class GridSummary:
 
 
 def run_one(
-    spec: RunSpec, card: TaskCard, data: TaskData, split: FewShotSplit, backbone: Backbone, profile: Profile,
+    spec: RunSpec, card: TaskCard, data: TaskData, split: FewShotSplit, backbone: Backbone | None, profile: Profile,
     checkpoint_path: Path | None = None, progress: RunProgress | None = None, service_options: dict | None = None,
+    remote: Remote | None = None,
 ) -> dict:
+    """One run. Black-box methods query the backbone in process, or, with `remote`, the server at its URL (then
+    `backbone` is None: this process never holds the model, and its own memory is the user side's)."""
     cls = get_method(spec.method)
     config = cls.config_class(**spec.config)
-    service = ModelService(backbone, **(service_options or {})) if cls.as_a_service else None
-    prompt = PromptFormat(card, backbone.family, mask_string(backbone.tokenizer, backbone.family))
+    if remote is not None and not cls.as_a_service:
+        raise HarnessError(_needs_weights(spec.method))
+    service = None
+    if cls.as_a_service:
+        service = remote.connect() if remote is not None else ModelService(backbone, **(service_options or {}))
+    family, mask = (service.family, service.mask) if service else (backbone.family, mask_string(backbone.tokenizer, backbone.family))
+    prompt = PromptFormat(card, family, mask)
     checkpoint = None
     if checkpoint_path is not None:
         checkpoint = Checkpoint(checkpoint_path, service.meter if service else None)
@@ -117,6 +125,10 @@ def run_one(
     finally:
         method.close()  # the backbone is shared by the next run: a method undoes its changes, even on failure
     meters["user_tensor_mb"] = method.user_tensor_bytes() / 2**20
+    if remote is not None:  # measured apart from the model: this process is the user's, the server reports its own
+        meters["client_rss_peak_mb"] = meters["cpu_rss_peak_mb"]
+        meters["server_peak_rss_mb"] = service.stats()["peak_rss_mb"]
+        service.close()
     # on a CPU the thread count changes the order of bf16/float32 sums, and a search can amplify the difference
     meters["torch_threads"] = torch.get_num_threads()
     if checkpoint is not None and checkpoint.resumed_at:  # the time of the interrupted attempts counts too
@@ -154,12 +166,32 @@ def run_one(
         },
         "meters": meters,
         "queries": service.meter.summary() if service else None,
-        "service_options": dict(service_options or {}) if service else None,
-        "backbone_identity": backbone.identity,
+        "service_options": dict(service_options or {}) if service and remote is None else None,
+        "service": service.description() if service else None,
+        "backbone_identity": service.info.identity if service else backbone.identity,
         "versions": package_versions(),
         "started": started,
         "trace": method.trace(),
     }
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A model server to run black-box methods against (`harness run --service-url`)."""
+
+    url: str
+    api_key: str | None = None
+
+    def connect(self):
+        from harness.client import RemoteService
+
+        return RemoteService(self.url, self.api_key)
+
+
+def _needs_weights(method: str) -> str:
+    return (f"method '{method}' is gradient-based: it trains the backbone's weights, which a model service does not "
+            "give; run it without --service-url (black-box methods: "
+            f"{', '.join(m for m, c in registry().items() if c.as_a_service)})")
 
 
 def _cap_caveat(split: FewShotSplit) -> dict:
@@ -175,10 +207,16 @@ def run_grid(
     store: ResultsStore,
     data_dir: str | None = None,
     service_options: dict | None = None,
+    remote: Remote | None = None,
 ) -> GridSummary:
     """Runs the specs not yet finished in `store`. `service_options` switch the service's speed-ups
     (ModelService's bucketing, layer_reuse, compile); they change time, not results, so they are not part of a
-    spec (each record keeps them)."""
+    spec (each record keeps them). With `remote`, black-box methods query that server and no backbone is loaded
+    here; a gradient method is refused before anything runs."""
+    if remote is not None:
+        for spec in specs:
+            if not get_method(spec.method).as_a_service:
+                raise HarnessError(_needs_weights(spec.method))
     summary = GridSummary()
     finished = store.finished_ids()
     pending = []
@@ -198,7 +236,7 @@ def run_grid(
         # black-box methods are served in the run's dtype; gradient methods keep float32 weights and compute in
         # it under autocast (half-precision weights would swallow small optimizer updates)
         wanted = (spec.backbone, spec.dtype if get_method(spec.method).as_a_service else "float32")
-        if wanted != loaded:
+        if remote is None and wanted != loaded:
             backbone, loaded = None, None  # let the previous copy go before the next loads
             backbone, loaded = load_backbone(spec.backbone, dtype=wanted[1]), wanted
         run = progress.start(spec.label())
@@ -206,7 +244,7 @@ def run_grid(
         try:
             record = run_one(
                 spec, cards[spec.task], data[spec.task], split, backbone, profile,
-                store.checkpoint_path(spec.run_id), run, service_options,
+                store.checkpoint_path(spec.run_id), run, service_options, remote,
             )
         except HarnessError:
             progress.close()
