@@ -41,7 +41,10 @@ class Limits:
     max_candidates: int = 256  # prompt candidates per prompted request (BBT's popsize is 20)
     max_prompt_tokens: int = 256  # n_tokens of a prompt spec
     max_dim: int = 4096  # intrinsic dimension d of a projection
-    max_projection_values: int = 2**29  # slots x d x n_tokens x hidden floats a send=z spec makes the server hold (2 GiB)
+    # float32 values of the A_j a send=z prompt makes the server hold: BBTv2 on RoBERTa-large holds 24 x 500 x 50 x 1024
+    # (2.5 GB), so one prompt may hold 4 GiB and all kept prompts 8 GiB (least recently used dropped first)
+    max_projection_values: int = 2**30
+    max_projection_total: int = 2**31
     max_prompts: int = 16  # prompt handles kept (least recently used dropped first)
     max_body_bytes: int = 256 * 2**20  # one request body
     max_in_flight: int = 64  # requests being answered or queued at once; more get 503

@@ -208,7 +208,7 @@ class ModelServer:
                 raise ProtocolError(f"projection dist must be 'normal' or 'uniform', not '{p.dist}'", 422, "invalid_prompt")
             values = spec.slots * p.dim * spec.n_tokens * self.hidden_size
             if values > limits.max_projection_values:
-                raise ProtocolError(f"the projections would hold {values:,} values; the limit is {limits.max_projection_values:,}",
+                raise ProtocolError(f"the prompt is too large: its projections would hold {values:,} values; the limit is {limits.max_projection_values:,}",
                                     413, "prompt_too_large")
         handle = spec_handle(spec)
         clock: list = []
@@ -220,9 +220,13 @@ class ModelServer:
                 with self._forwarding(clock):
                     draw_projections(spec, self.hidden_size, matrices, self.scorer.device)
             self._prompts[handle] = (spec, matrices)
-            while len(self._prompts) > limits.max_prompts:
+            while len(self._prompts) > limits.max_prompts or self._held() > limits.max_projection_total:
                 self._prompts.popitem(last=False)
         return PromptHandle(handle, sum(clock))
+
+    def _held(self) -> int:
+        """Projection values held over all kept prompts."""
+        return sum(a.numel() for _, matrices in self._prompts.values() for a in matrices.values())
 
     def projections(self, handle: str) -> dict:
         """The A_j the server holds for a configured prompt (the in-process transport shows them to tests)."""
