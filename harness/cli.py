@@ -14,7 +14,7 @@ from harness.compiled import MODES as COMPILE_MODES
 from harness.errors import HarnessError, unknown_name
 from harness.profiles import PROFILES, default_profile, get_profile
 from harness.report import write_report
-from harness.runner import expand, run_grid
+from harness.runner import expand, needs_weights, run_grid
 from harness.store import ResultsStore, published
 from harness.tasks import load_cards
 from methods import registry
@@ -58,6 +58,9 @@ def cmd_run(args) -> int:
     seeds = _seeds(args.seeds, profile)
     remote = None
     if args.service_url:
+        for method in methods:  # refused before any connection is tried
+            if not registry()[method].as_a_service:
+                raise HarnessError(needs_weights(method))
         remote, backbone, dtype = _remote(args)
     else:
         backbone = args.backbone or DEFAULT_BACKBONE

@@ -96,7 +96,7 @@ def run_one(
     cls = get_method(spec.method)
     config = cls.config_class(**spec.config)
     if remote is not None and not cls.as_a_service:
-        raise HarnessError(_needs_weights(spec.method))
+        raise HarnessError(needs_weights(spec.method))
     service = None
     if cls.as_a_service:
         service = remote.connect() if remote is not None else ModelService(backbone, **(service_options or {}))
@@ -188,7 +188,7 @@ class Remote:
         return RemoteService(self.url, self.api_key)
 
 
-def _needs_weights(method: str) -> str:
+def needs_weights(method: str) -> str:
     return (f"method '{method}' is gradient-based: it trains the backbone's weights, which a model service does not "
             "give; run it without --service-url (black-box methods: "
             f"{', '.join(m for m, c in registry().items() if c.as_a_service)})")
@@ -216,7 +216,7 @@ def run_grid(
     if remote is not None:
         for spec in specs:
             if not get_method(spec.method).as_a_service:
-                raise HarnessError(_needs_weights(spec.method))
+                raise HarnessError(needs_weights(spec.method))
     summary = GridSummary()
     finished = store.finished_ids()
     pending = []

@@ -19,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,11 +40,15 @@ def start_server(args: list[str], port: int, timeout_s: float = 900.0, env: dict
     import httpx
 
     command = [sys.executable, "-m", "harness.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env or os.environ.copy())
+    # its log goes to a file, not a pipe nobody reads (a full pipe would stall the server)
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=env or os.environ.copy())
+    process.log = log
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise HarnessError(f"the server exited ({process.returncode}): {process.stderr.read().decode()[-2000:]}")
+            log.seek(0)
+            raise HarnessError(f"the server exited ({process.returncode}): {log.read().decode()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1.0).status_code == 200:
                 return process
@@ -62,8 +67,8 @@ def stop_server(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    if process.stderr:
-        process.stderr.close()
+    if getattr(process, "log", None):
+        process.log.close()
 
 
 # --- a client process: one BBT fit, its figures as JSON on stdout -------------------------------------------------
@@ -171,7 +176,7 @@ def bench_serve(backbone: str, random: bool, task: str, calls: int, clients: int
     serve_args = ["--backbone", backbone, "--dtype", dtype, "--device", device] + (["--random"] if random else [])
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    figures: dict = {}
+    figures: dict = {"load_before": os.getloadavg()[0]}
     server = start_server(serve_args, port)
     try:
         # one client at a time first: the per-call comparison, bytes and memory
@@ -196,7 +201,7 @@ def bench_serve(backbone: str, random: bool, task: str, calls: int, clients: int
         ])
     finally:
         stop_server(server)
-    figures.update(http=http, in_process=inproc, backbone=backbone, random=random, task=task, calls=calls,
+    figures.update(load_after=os.getloadavg()[0], cores=os.cpu_count(), http=http, in_process=inproc, backbone=backbone, random=random, task=task, calls=calls,
                    clients=clients, dtype=dtype)
     return figures
 
@@ -215,6 +220,9 @@ def render(f: dict, command: str) -> str:
         "",
         f"- backbone {name}, {f['dtype']}; task {f['task']}; BBT with {f['calls']} API calls per fit (popsize 20, "
         "one dev check at the end), every fit in a process of its own",
+        *([f"- load average {f['load_before']:.1f} before and {f['load_after']:.1f} after, on {f['cores']} cores: "
+           "other jobs shared the machine, so read the times as this moment's, the ratios as the robust part"]
+          if "load_before" in f else []),
         "",
         "## One client",
         "",

@@ -17,7 +17,7 @@ from harness.checkpoint import Checkpoint
 from harness.data import Example
 from harness.progress import RunProgress
 from harness.prompts import PromptFormat
-from harness.service import ModelService
+from harness.service import ServiceClient
 from harness.tasks import TaskCard
 
 
@@ -26,7 +26,7 @@ class RunContext:
     card: TaskCard
     prompt: PromptFormat
     seed: int
-    service: ModelService | None = None  # black-box methods
+    service: ServiceClient | None = None  # black-box methods: in process or over HTTP, the same queries
     backbone: Backbone | None = None  # gradient methods only
     checkpoint: Checkpoint | None = None  # where a long method saves its state to resume after a crash
     dtype: str = "float32"  # compute dtype; gradient methods run their forward under autocast when it is not float32
