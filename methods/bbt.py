@@ -130,7 +130,12 @@ class _BlackBoxPromptSearch(Method):
 
     def _strategy(self, slot: int) -> cma.CMAEvolutionStrategy:
         cfg = self.config
-        options = {"popsize": cfg.popsize, "seed": 1000 * self.ctx.seed + slot + 1, "verbose": -9}
+        # Each strategy samples from its own generator, pickled with it. pycma's default is numpy's global one:
+        # BBTv2's strategies would share it, and a pickle copies it away from the sampler while pycma's other
+        # draws (TPA's consistency check) stay on the global one, so a resumed run took another path.
+        # seed=nan: pycma leaves numpy's global generator alone.
+        stream = np.random.RandomState(1000 * self.ctx.seed + slot + 1)
+        options = {"popsize": cfg.popsize, "randn": stream.randn, "seed": np.nan, "verbose": -9}
         if cfg.bound:
             options["bounds"] = [-cfg.bound, cfg.bound]
         return cma.CMAEvolutionStrategy(np.zeros(cfg.intrinsic_dim), cfg.sigma, options)
