@@ -23,6 +23,7 @@ from methods import register
 from methods.base import Method, MethodConfig
 
 LOSSES = ("auto", "ce", "hinge", "neg-metric")
+ACCEPT = ("xbest", "generation-best", "global-best")
 log = logging.getLogger("harness")
 
 
@@ -59,6 +60,18 @@ class BBTConfig(MethodConfig):
     rounds: int = 0  # BBTv2 only: if set, spend rounds x popsize x layers calls instead of `budget`
     batched: bool = True  # one forward per generation (population batching) vs one per candidate
     eval_batch_size: int = 32
+
+
+@dataclass
+class BBTv2Config(BBTConfig):
+    # the reference README's BBTv2 command: the same projection std as BBT (alpha / sigma = 1), but CMA-ES starts
+    # with a 5x smaller step
+    sigma: float = 0.2
+    alpha: float = 0.2
+    # what layer j keeps after each of its generations: xbest (the reference: its strategy's best candidate so far,
+    # pycma's result.xbest) | generation-best (the generation's best) | global-best (the generation's best, only
+    # when it beats every loss seen so far)
+    accept: str = "xbest"
 
 
 class _BlackBoxPromptSearch(Method):
@@ -227,7 +240,13 @@ class BBT(_BlackBoxPromptSearch):
 @register
 class BBTv2(_BlackBoxPromptSearch):
     name = "bbtv2"
+    config_class = BBTv2Config
     deep = True
+
+    def __init__(self, config, ctx):
+        super().__init__(config, ctx)
+        if config.accept not in ACCEPT:
+            raise HarnessError(f"bbtv2: accept must be one of {', '.join(ACCEPT)}, not '{config.accept}'")
 
     def fit(self, train, dev):
         self._setup(train, dev)
@@ -257,8 +276,12 @@ class BBTv2(_BlackBoxPromptSearch):
             self.ctx.progress.advance(len(z))
             es.tell(list(z), losses)
             i = int(np.argmin(losses))
-            if losses[i] < state["best_loss"]:
+            improved = losses[i] < state["best_loss"]
+            if improved:
                 state.update(best_loss=losses[i], best_logits=logits[i])
+            if cfg.accept == "xbest":
+                incumbent[slot] = es.result.xbest
+            elif cfg.accept == "generation-best" or improved:
                 incumbent[slot] = z[i]
             self._record_train(state["best_loss"], state["best_logits"])
             if self._due(before):

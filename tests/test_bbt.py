@@ -356,6 +356,58 @@ def test_each_cma_es_strategy_draws_from_its_own_stream():
     np.testing.assert_array_equal(np.random.get_state()[1], before)  # building a strategy leaves numpy's alone
 
 
+def test_bbtv2_starts_cma_es_with_the_reference_step_and_bbt_keeps_its_own():
+    """The reference's BBTv2 command uses sigma 0.2 and alpha 0.2: the projection std alpha / sigma is BBT's, the
+    initial step 5x smaller."""
+    from harness.profiles import get_profile
+    from harness.runner import expand
+
+    bbt, bbtv2 = BBTConfig(), get_method("bbtv2").config_class()
+    assert (bbt.sigma, bbt.alpha, bbtv2.sigma, bbtv2.alpha) == (1.0, 1.0, 0.2, 0.2)
+    assert projection_std(0.5, 500, bbtv2.sigma, bbtv2.alpha) == projection_std(0.5, 500, bbt.sigma, bbt.alpha)
+    assert _bbtv2(bbtv2)._strategy(0).sigma == 0.2 and _bbtv2(bbt)._strategy(0).sigma == 1.0
+    specs = expand(["bbt", "bbtv2"], ["sst2"], [42], "gemma3-270m", get_profile("paper"))
+    assert [(s.config["sigma"], s.config["alpha"]) for s in specs] == [(1.0, 1.0), (0.2, 0.2)]
+
+
+@pytest.mark.parametrize("accept", ["xbest", "generation-best", "global-best"])
+def test_bbtv2_layers_accept_their_candidate_after_every_generation(accept):
+    """xbest (the reference, the default): layer j takes its strategy's best candidate so far after each of its
+    generations, whether or not it beats the best loss of the whole search; generation-best: the generation's
+    best; global-best: the generation's best only when it beats every loss seen."""
+    train, dev, _ = split()
+    # BBT's larger step: some generations then fall short of the best loss so far, and the rules part
+    config = get_method("bbtv2").config_class(
+        budget=160, popsize=10, intrinsic_dim=20, n_tokens=2, eval_every=10, sigma=1.0, alpha=1.0, accept=accept)
+    method = _bbtv2(config, ModelService(tiny_backbone("gemma3")))
+    generations, incumbents = [], []
+    evaluate, dev_check = method.evaluate, method._dev_check
+
+    def spy_evaluate(z):
+        losses, logits = evaluate(z)
+        generations.append((z.copy(), np.array(losses)))
+        return losses, logits
+
+    method.evaluate = spy_evaluate
+    method._dev_check = lambda z: (incumbents.append(z.copy()), dev_check(z))  # after every generation
+    method.fit(train, dev)
+    assert len(incumbents) == len(generations) == 16
+    expected, kept, best, rules_differ = np.zeros((2, 20)), {0: [], 1: []}, np.inf, False
+    for (z, losses), incumbent in zip(generations, incumbents):
+        slot = int(np.flatnonzero(np.ptp(z, axis=0).any(axis=1))[0])  # the layer this generation varied
+        kept[slot] += [(loss, candidate) for loss, candidate in zip(losses, z[:, slot])]
+        i = int(np.argmin(losses))
+        by_rule = {
+            "xbest": min(kept[slot], key=lambda pair: pair[0])[1],  # the first of the lowest, as pycma keeps it
+            "generation-best": z[i, slot],
+            "global-best": z[i, slot] if losses[i] < best else expected[slot],
+        }
+        rules_differ |= not np.array_equal(by_rule[accept], by_rule["global-best"])
+        expected[slot], best = by_rule[accept], min(best, losses[i])
+        np.testing.assert_array_equal(incumbent, expected)
+    assert rules_differ or accept == "global-best"  # this run tells the rules apart
+
+
 def test_shared_slots_are_read_from_what_the_client_sent():
     from harness.service import shared_slots
 
