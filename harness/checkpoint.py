@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("harness")
-# 2: strategies own their random streams; a version-1 checkpoint would resume onto numpy's global stream, so it
-# is not used
+# 2: strategies own their random streams and traces record pycma's stops; a version-1 checkpoint would resume
+# onto numpy's global stream, so it is not used
 FORMAT = 2
 
 

@@ -408,6 +408,35 @@ def test_bbtv2_layers_accept_their_candidate_after_every_generation(accept):
     assert rules_differ or accept == "global-best"  # this run tells the rules apart
 
 
+@pytest.mark.parametrize("method_name", ["bbt", "bbtv2"])
+def test_pycma_stops_a_strategy_whose_fitness_is_flat(method_name):
+    """The reference loops while pycma does not say stop. With alpha 0 the projection is zero: no z changes the
+    prompt, every candidate scores the same loss, and pycma stops each strategy on its flat fitness (tolfun: the
+    losses span less than 1e-11).
+    BBTv2's other layers go on after one stops; the calls counted are those spent, and the last incumbent is still
+    checked on dev."""
+    import json
+
+    from harness.progress import RunProgress
+
+    train, dev, _ = split()
+    cls = get_method(method_name)
+    config = cls.config_class(budget=400, popsize=10, intrinsic_dim=20, n_tokens=2, eval_every=50, alpha=0.0)
+    service, progress = ModelService(tiny_backbone("gemma3")), RunProgress()
+    method = _bbtv2(config, service, progress)
+    with service.phase("train"):
+        method.fit(train, dev)
+    trace = json.loads(json.dumps(method.trace()))  # it goes into the JSON record as it is
+    stops = trace["stopped"]
+    assert [s["slot"] for s in stops] == list(range(method.slots))
+    assert all(s["reason"] == {"tolfun": 1e-11} for s in stops)
+    assert method.calls == stops[-1]["calls"] < 400
+    if method_name == "bbtv2":
+        assert stops[1]["calls"] == stops[0]["calls"] + 10  # layer 1 ran one more generation after layer 0 stopped
+    assert service.meter.summary()["train"]["queries"] == method.calls == progress.done == progress.size
+    assert trace["dev"][-1]["calls"] == method.calls and trace["train"][-1]["calls"] == method.calls
+
+
 def test_shared_slots_are_read_from_what_the_client_sent():
     from harness.service import shared_slots
 
