@@ -46,7 +46,7 @@ def run_checks(path: str | Path, data_dir: str | None, tasks_dir=None) -> list[d
     dtype = resolve_dtype(raw.get("dtype", "auto"))  # what `harness run` would use on this machine
     specs = []
     for check in raw["checks"]:
-        config = asdict(method_config(check["method"], profile, check.get("config")))
+        config = asdict(method_config(check["method"], profile, check.get("config"), check["task"]))
         specs.append(RunSpec(check["method"], check["task"], raw["seed"], raw["backbone"], profile.k_shot, profile.eval_cap, config, dtype))
     with tempfile.TemporaryDirectory() as folder:  # always measured afresh, never taken from a results store
         store = ResultsStore(folder)

@@ -135,6 +135,20 @@ def test_an_interrupted_bbt_run_resumes_in_the_next_grid_and_counts_its_whole_ti
     assert not store.checkpoint_path(spec.run_id).exists()
 
 
+def test_the_paper_profile_gives_dbpedia_20000_calls_and_quick_keeps_its_caps():
+    """The reference README recommends 20,000 calls for DBpedia; the override lands in the spec (so in the run id)
+    and only there. The quick profile's method-wide caps win over it."""
+    def configs(profile):
+        specs = runner.expand(["bbt", "bbtv2"], ["sst2", "dbpedia"], [42], "gemma3-270m", get_profile(profile))
+        return {(s.method, s.task): s.config for s in specs}
+
+    paper, quick = configs("paper"), configs("quick")
+    assert [paper[m, "dbpedia"]["budget"] for m in ("bbt", "bbtv2")] == [20000, 20000]
+    assert [paper[m, "sst2"]["budget"] for m in ("bbt", "bbtv2")] == [8000, 8000]
+    assert quick["bbt", "dbpedia"]["budget"] == 200 and quick["bbtv2", "dbpedia"]["rounds"] == 1
+    assert quick["bbt", "dbpedia"] == quick["bbt", "sst2"]
+
+
 def test_half_precision_serves_black_box_methods_and_autocasts_gradient_ones(tmp_path, shared_data, monkeypatch):
 
     loads, dtypes = [], {}
