@@ -85,7 +85,7 @@ def run_checks(path: str | Path, data_dir: str | None, tasks_dir=None, only: lis
         if check["task"] not in cards:
             raise HarnessError(f"check {check_name(check)}: no task card '{check['task']}'")
         eval_cap = check.get("eval_cap", raw.get("eval_cap"))
-        config = asdict(method_config(check["method"], profile, check.get("config")))
+        config = asdict(method_config(check["method"], profile, check.get("config"), check["task"]))
         specs.append(RunSpec(check["method"], check["task"], seed, raw["backbone"], k_shot, eval_cap, config, dtype))
     with tempfile.TemporaryDirectory() as folder:  # always measured afresh, never taken from a results store
         store = ResultsStore(folder)

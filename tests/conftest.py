@@ -15,7 +15,7 @@ from harness.synthetic import synthetic_tokenizer
 SHARED_DATA = Path(os.environ.get("HARNESS_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def tiny_model(kind: str):
+def tiny_model(kind: str, layers: int = 2):
     """A (family, model, tokenizer) triple of a small random model of the named architecture."""
     import transformers as tf
 
@@ -23,27 +23,27 @@ def tiny_model(kind: str):
     vocab = len(synthetic_tokenizer())
     common = dict(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if kind == "roberta":
-        config = tf.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        config = tf.RobertaConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
                                   max_position_embeddings=256, **common)
         return "mlm", tf.RobertaForMaskedLM(config), synthetic_tokenizer()
     if kind == "bert":
-        config = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        config = tf.BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
                                max_position_embeddings=256, **common)
         return "mlm", tf.BertForMaskedLM(config), synthetic_tokenizer()
     if kind == "gpt2":
-        config = tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=256, **common)
+        config = tf.GPT2Config(n_embd=32, n_layer=layers, n_head=2, n_positions=256, **common)
         return "clm", tf.GPT2LMHeadModel(config), synthetic_tokenizer()
     if kind == "gemma3":
-        config = tf.Gemma3TextConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        config = tf.Gemma3TextConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
                                      head_dim=16, intermediate_size=64, max_position_embeddings=256,
                                      final_logit_softcapping=30.0, **common)
         return "clm", tf.Gemma3ForCausalLM(config), synthetic_tokenizer()
     if kind == "t5":
-        config = tf.T5Config(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0,
+        config = tf.T5Config(d_model=32, d_kv=16, d_ff=64, num_layers=layers, num_heads=2, decoder_start_token_id=0,
                              vocab_size=vocab, pad_token_id=0, eos_token_id=2)
         return "seq2seq", tf.T5ForConditionalGeneration(config), synthetic_tokenizer(mask=False, bos=False)
     if kind == "bart":
-        config = tf.BartConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        config = tf.BartConfig(d_model=32, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=2,
                                decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
                                max_position_embeddings=256, decoder_start_token_id=2, forced_eos_token_id=2, **common)
         model = tf.BartForConditionalGeneration(config)
@@ -52,8 +52,8 @@ def tiny_model(kind: str):
     raise ValueError(kind)
 
 
-def tiny_backbone(kind: str) -> Backbone:
-    family, model, tokenizer = tiny_model(kind)
+def tiny_backbone(kind: str, layers: int = 2) -> Backbone:
+    family, model, tokenizer = tiny_model(kind, layers)
     model.eval()
     identity = {"source": "test", "model_type": model.config.model_type, "name": f"tiny-{kind}"}
     return Backbone(name=f"tiny-{kind}", family=family, model=model, tokenizer=tokenizer, identity=identity)
