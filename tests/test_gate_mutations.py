@@ -4,6 +4,7 @@
 
 import importlib.machinery
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def load_script():
     loader = importlib.machinery.SourceFileLoader("gate_mutations", str(ROOT / "scripts" / "gate-mutations"))
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    sys.modules[loader.name] = module  # dataclasses look their module up there
     loader.exec_module(module)
     return module
 
