@@ -312,7 +312,7 @@ def test_prefix_and_prompt_do_not_leak_padding(kind):
 def test_prompt_longer_than_the_backbone_allows_is_an_error():
     bb = backbone("gpt2")
     cls = get_method("prompt-tuning")
-    m = cls(cls.config_class(num_virtual_tokens=300, steps=1, eval_every=1), context(bb))
+    m = cls(cls.config_class(num_virtual_tokens=1100, steps=1, eval_every=1), context(bb))
     try:
         with pytest.raises(HarnessError, match="prompt/prefix"):
             m.fit(TRAIN, DEV)
