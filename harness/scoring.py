@@ -15,7 +15,8 @@ added to the hidden states entering layer j.
 
 Gradient methods reuse these paths (`Scorer.encode` and `forward_label_logits` are differentiable) and may pass
 `soft`: trainable inputs the body receives besides the text (see `SoftInputs`): virtual input vectors (prompt
-tuning) and per-layer key/value prefixes (P-tuning v2). The read positions move with them.
+tuning, at the same place as BBT's prompt) and per-layer key/value prefixes (P-tuning v2). The read positions move
+with them.
 """
 
 from __future__ import annotations
@@ -160,8 +161,9 @@ def embedding_scale(model) -> float:
 class SoftInputs(Protocol):
     """Trainable inputs a gradient method adds to the body; either may return None.
 
-    - `input_prompt(n)`: [n, P, hidden] vectors placed before the input embeddings (the encoder's, for seq2seq);
-      the read positions of clm/mlm move P to the right.
+    - `input_prompt(n)`: [n, P, hidden] vectors placed among the input embeddings (the encoder's, for seq2seq)
+      where BBT's prompt goes: after the leading special token (<bos>, <s>, [CLS]), else first; the read positions
+      of clm/mlm move P to the right.
     - `kv_prefix(n)`: (cache, K): a fresh cache holding K key/value vectors at every layer (the decoder's
       self-attention, for seq2seq, as peft does); the attention mask gains K leading ones.
     """
@@ -359,15 +361,17 @@ class Scorer:
 
 
     def _prompted(self, enc: Encoded, soft: SoftInputs | None, embedder) -> tuple[dict, int]:
-        """The body's (or encoder's) keyword inputs with any input prompt placed first, and its length."""
+        """The body's (or encoder's) keyword inputs with any input prompt placed after the leading special token,
+        and its length."""
         kwargs = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
         prompt = soft.input_prompt(enc.input_ids.shape[0]) if soft is not None else None
         if prompt is None:
             return kwargs, 0
         embeds = embedder.get_input_embeddings()(enc.input_ids)  # the module the body would apply (Gemma scales)
-        kwargs = {
-            "inputs_embeds": torch.cat([prompt.to(embeds.dtype), embeds], dim=1),
-            "attention_mask": _ones_before(enc.attention_mask, prompt.shape[1]),
+        ones = enc.attention_mask.new_ones(enc.attention_mask.shape[0], prompt.shape[1])
+        kwargs = {  # where BBT's prompt goes, so both prompt methods see one layout
+            "inputs_embeds": _insert(embeds, self.insert_at, prompt),
+            "attention_mask": _insert(enc.attention_mask, self.insert_at, ones),
         }
         return kwargs, prompt.shape[1]
 
