@@ -46,18 +46,30 @@ def test_hub_tokenizers_have_the_real_special_tokens_and_settings(kind):
 
 
 @pytest.mark.parametrize("kind", HUB_KINDS)
-def test_every_card_s_label_words_are_read_as_words_after_a_space(kind):
-    """The label word follows a space (the mask's, or the end of a causal template), so its id is the after-space
-    form: "Ġgreat" in byte-level BPE, "▁great" in SentencePiece; WordPiece has no spaces (uncased)."""
+def test_every_card_s_label_ids_are_the_words_as_their_template_writes_them(kind):
+    """A label id is the token the word has where it is read: written into the template in the mask's place (or
+    after a causal template, following a space), it tokenizes to that id at the read position. A leading-space
+    mismatch fails here: " World" is "ĠWorld" in byte-level BPE, but a template that opens with the mask writes
+    "World"."""
     tok = hub_tokenizer(kind)
     family = FAMILY[kind]
+    mask = mask_string(tok, family)
     for card in load_cards().values():
-        words = list(card.template_for(family).label_words)
+        template = card.template_for(family)
+        text = template.template
+        for field in card.fields:
+            text = text.replace("{" + field + "}", "the movie was good")
+        words = list(template.label_words)
         ids = label_token_ids(tok, words)
         assert len(set(ids)) == len(words), (card.name, words)
-        for word, token in zip(words, tok.convert_ids_to_tokens(ids)):
-            expected = {"bert": word.strip().lower(), "t5": "▁" + word.strip()}.get(kind, "Ġ" + word.strip())
-            assert token == expected, (card.name, word, token)
+        for word, label_id in zip(words, ids):
+            if family == "clm":
+                at = len(tok(text).input_ids)
+                written = tok(text + " " + word.strip()).input_ids
+            else:
+                at = tok(text.replace("{mask}", mask)).input_ids.index(tok.convert_tokens_to_ids(mask))
+                written = tok(text.replace("{mask}", word.strip())).input_ids
+            assert written[at] == label_id, (card.name, word, tok.convert_ids_to_tokens([written[at], label_id]))
 
 
 def test_gpt2_without_a_pad_token_is_served():
