@@ -125,7 +125,7 @@ def intended(method: str, name: str, model_type: str) -> bool:
 
 # --- the matrix -----------------------------------------------------------------------------------------------------
 
-TEST_LR = {"model-tuning": 1e-2, "adapter": 3e-2, "bitfit": 5e-2, "lora": 3e-2, "prompt-tuning": 1e-1, "p-tuning-v2": 1e-1}
+TEST_LR = {"model-tuning": 1e-2, "adapter": 3e-2, "bitfit": 2e-2, "lora": 3e-2, "prompt-tuning": 1e-1, "p-tuning-v2": 1e-1}
 STEPS = 20
 
 
