@@ -1,22 +1,39 @@
-"""A word-level tokenizer built here (no download): for random-weight models in tests and benchmarks.
+"""Tokenizers built here (no download), for random-weight models in tests and benchmarks.
 
-Its vocabulary holds a few common words and every label word of every task card, so real templates tokenise
-(other words become <unk>, one token per word, which keeps sequence lengths realistic).
+- `synthetic_tokenizer`: word-level, one token per word; its vocabulary holds a few common words and every label
+  word of every task card, so real templates tokenise (other words become <unk>, which keeps sequence lengths
+  realistic). It stands in for the embedded backbones' tokenizers and for `harness bench --random`.
+- `hub_tokenizer(kind)`: a tokenizer configured like the real one of a hub family (gpt2, roberta, bart, bert, t5):
+  its model (byte-level BPE, WordPiece, Unigram) is made with the `tokenizers` library from a small corpus, and it
+  is wrapped in that family's own transformers class with the real special tokens and settings. A missing special
+  token (GPT-2 has no pad token) or a leading-space mismatch (" great" is one byte-level token, "great" another)
+  then shows in the tests, not on a user's GPU.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from collections import Counter
+from functools import lru_cache
+
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>", "<extra_id_0>"]
+HUB_KINDS = ("gpt2", "roberta", "bart", "bert", "t5")
+T5_EXTRA_IDS = 100  # <extra_id_0> .. <extra_id_99>, as t5-base
 
 
-def vocabulary() -> list[str]:
+def _words() -> list[str]:
     from harness.tasks import load_cards
 
     words = "the a movie film was is it great bad good terrible about this that and of to in".split()
     for card in load_cards().values():
         for template in card.templates.values():
             words += [w.strip() for w in template.label_words]
-    return SPECIALS + [".", "?", ",", ":", "[", "]"] + list(dict.fromkeys(words))
+    return list(dict.fromkeys(words))
+
+
+def vocabulary() -> list[str]:
+    return SPECIALS + [".", "?", ",", ":", "[", "]"] + _words()
 
 
 def synthetic_tokenizer(mask: bool = True, bos: bool = True):
@@ -35,3 +52,98 @@ def synthetic_tokenizer(mask: bool = True, bos: bool = True):
     return PreTrainedTokenizerFast(
         tokenizer_object=model, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>", **extra
     )
+
+
+def corpus() -> list[str]:
+    """Every task card's templates filled with each of their label words, and every word both at the start of a
+    line and after a space (byte-level BPE tells the two apart: "great" and " great" are different tokens)."""
+    from harness.tasks import load_cards
+
+    filler = "the movie was good and it is about a film"
+    lines = []
+    for card in load_cards().values():
+        for template in card.templates.values():
+            text = template.template
+            for field in card.fields:
+                text = text.replace("{" + field + "}", filler)
+            for word in template.label_words:
+                lines.append(text.replace(" {mask}", word).replace("{mask}", word.strip()) if "{mask}" in text else text + word)
+    for word in _words():
+        lines += [word, f"{filler} {word} .", f"{word.lower()} {word.capitalize()} ?"]
+    return lines
+
+
+def _byte_level_bpe(specials: list[str]) -> tuple[dict, list]:
+    """Vocabulary and merges of a byte-level BPE trained on the corpus until every word is whole (specials first)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    model = Tokenizer(models.BPE())
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=100_000, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    model.train_from_iterator(corpus(), trainer)
+    state = json.loads(model.to_str())["model"]
+    return state["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
+
+
+def _unigram_pieces() -> list[tuple[str, float]]:
+    """SentencePiece-style pieces: "▁" + each corpus word, and every character alone, scored by log frequency."""
+    counts = Counter()
+    for line in corpus():
+        for word in line.split():
+            counts["▁" + word] += 1
+            counts.update(word)
+    counts["▁"] += 1
+    total = sum(counts.values())
+    return [(piece, math.log(count / total)) for piece, count in sorted(counts.items())]
+
+
+@lru_cache(maxsize=None)
+def _trained(kind: str):
+    """The trained model behind each family's tokenizer (cached: building the wrapper is cheap, training is not)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    if kind == "gpt2":
+        vocab, merges = _byte_level_bpe([])
+        return {**vocab, "<|endoftext|>": len(vocab)}, merges  # GPT-2: the one special token, last
+    if kind in ("roberta", "bart"):
+        vocab, merges = _byte_level_bpe(["<s>", "<pad>", "</s>", "<unk>"])  # ids 0-3 as in roberta-large/bart-large
+        return {**vocab, "<mask>": len(vocab)}, merges  # <mask> last (50264 in the real vocabularies)
+    if kind == "bert":
+        model = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        model.normalizer = normalizers.BertNormalizer(lowercase=True)
+        model.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        model.train_from_iterator(corpus(), trainers.WordPieceTrainer(vocab_size=100_000, special_tokens=specials, show_progress=False))
+        return model.get_vocab(), None
+    if kind == "t5":
+        pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + _unigram_pieces()
+        sentinels = [(f"<extra_id_{i}>", 0.0) for i in reversed(range(T5_EXTRA_IDS))]  # <extra_id_0> has the last id
+        return pieces + sentinels, None
+    raise ValueError(f"no hub-like tokenizer for '{kind}'; one of {', '.join(HUB_KINDS)}")
+
+
+def hub_tokenizer(kind: str):
+    """A fresh tokenizer configured like the real one of this hub family (see the module docstring):
+
+    - gpt2: byte-level BPE; bos = eos = unk = <|endoftext|>, no pad token, add_prefix_space False;
+    - roberta, bart: byte-level BPE; <s> <pad> </s> <unk> (ids 0-3) and <mask> (last, lstrip as in the real
+      tokenizer, so "was <mask>" puts no lone space token before the mask); <s> ... </s> added;
+    - bert: uncased WordPiece (lower-casing normaliser); [PAD] [UNK] [CLS] [SEP] [MASK]; [CLS] ... [SEP] added;
+    - t5: Unigram over metaspace pieces; <pad> = 0, </s> = 1 (appended), <unk> = 2, sentinels <extra_id_0..99>.
+    """
+    import transformers as tf
+    from tokenizers import AddedToken
+
+    vocab, merges = _trained(kind)
+    if kind == "gpt2":
+        return tf.GPT2Tokenizer(vocab=dict(vocab), merges=list(merges), add_prefix_space=False)
+    if kind in ("roberta", "bart"):
+        mask = AddedToken("<mask>", lstrip=True, rstrip=False, normalized=False, special=True)
+        cls = tf.RobertaTokenizer if kind == "roberta" else tf.BartTokenizer
+        return cls(vocab=dict(vocab), merges=list(merges), mask_token=mask)
+    if kind == "bert":
+        return tf.BertTokenizer(vocab=dict(vocab), do_lower_case=True)
+    return tf.T5Tokenizer(vocab=list(vocab), extra_ids=T5_EXTRA_IDS)

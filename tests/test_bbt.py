@@ -118,6 +118,47 @@ def test_add_mode_with_zero_prompt_equals_the_placeholder_tokens_as_text(kind):
     torch.testing.assert_close(prompted, literal, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["roberta", "bert"])
+@pytest.mark.parametrize("mode", ["add", "cat"])
+def test_masked_lm_slot0_is_added_to_the_embeddings_output(kind, mode):
+    """As the reference's RoBERTa and BERT: slot 0 is added to the embeddings module's output (after its LayerNorm
+    and dropout) at the prompt positions right after <s>/[CLS], which hold the placeholder tokens ("add"); in "cat"
+    mode the vectors replace that output. Compared with the model's own full forward (its real LM head, bias
+    included) over the placeholder tokens as text, the prompt added by a hook on the embeddings module."""
+    backbone = tiny_backbone(kind)
+    model, scorer = backbone.model, make_scorer(backbone)
+    torch.manual_seed(1)
+    with torch.no_grad():  # weights of std 0.2, not 0.02: the prompt then moves the logits well beyond the tolerance
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(std=0.2)
+    mask = mask_string(backbone.tokenizer, backbone.family)
+    texts = [f"the movie was good . it was {mask} .", f"bad . {mask}"]
+    ids = label_token_ids(backbone.tokenizer, [" good", " bad"])
+    table = model.get_input_embeddings()
+    placeholder_ids = torch.arange(10, 14)
+    vectors = torch.randn(2, 1, 4, table.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    got = scorer.label_logits(texts, ids, PromptBatch(vectors, table(placeholder_ids) if mode == "add" else None))
+
+    enc = scorer.encode(texts)
+    n, rows = len(texts), torch.arange(len(texts))
+    assert scorer.insert_at == 1
+    input_ids = torch.cat([enc.input_ids[:, :1], placeholder_ids.expand(n, 4), enc.input_ids[:, 1:]], 1)
+    attention = torch.cat([enc.attention_mask[:, :1], torch.ones(n, 4, dtype=torch.long), enc.attention_mask[:, 1:]], 1)
+    want = []
+    for candidate in vectors:
+        def add_prompt(module, args, output, prompt=candidate[0].expand(n, -1, -1)):
+            span = output[:, 1:5] + prompt if mode == "add" else prompt
+            return torch.cat([output[:, :1], span, output[:, 5:]], 1)
+
+        handle = model.base_model.embeddings.register_forward_hook(add_prompt)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention).logits
+        handle.remove()
+        want.append(logits[rows, enc.read_at + 4][:, ids])
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", FAMILY_KINDS)
 def test_deep_prompts_enter_every_layer_and_batching_agrees(kind):
     backbone = tiny_backbone(kind)

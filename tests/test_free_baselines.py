@@ -196,9 +196,9 @@ def accuracy(method, examples) -> float:
 
 
 @pytest.mark.parametrize("name, kind, config", [
-    ("feature-mlp", "roberta", {"hidden_size": 64, "epochs": 30}),  # first-token pooling
+    ("feature-mlp", "roberta", {"hidden_size": 64, "epochs": 60}),  # first-token pooling (weak in a tiny random model)
     ("feature-mlp", "t5", {"hidden_size": 64, "epochs": 30}),  # encoder-mean pooling
-    ("feature-bilstm", "gpt2", {"hidden_size": 32, "epochs": 15}),  # token states
+    ("feature-bilstm", "gpt2", {"hidden_size": 32, "epochs": 30}),  # token states
 ])
 def test_probes_learn_a_separable_problem_from_tiny_model_features(name, kind, config):
     method = probe(name, tiny_backbone(kind), **config)
