@@ -26,7 +26,7 @@ class Profile:
         return {**per_task, **self.method_overrides.get(method, {})}
 
 
-# The reference README recommends 20,000 API calls for DBpedia (14 classes); BBTv2 likewise.
+# The reference README recommends 20,000 API calls for DBpedia (in its BBT section); BBTv2 gets the same.
 PAPER_TASKS = {method: {"dbpedia": {"budget": 20000}} for method in ("bbt", "bbtv2")}
 
 

@@ -372,20 +372,21 @@ def test_an_older_checkpoint_is_not_resumed(tmp_path):
     assert checkpoint.load() is None and checkpoint.resumed_at == [] and checkpoint.earlier_s == 0
 
 
-def _bbtv2(config, service=None, progress=None):
+def _search(config, service=None, progress=None):
+    """BBT or BBTv2 (as the config's class says) on sst2 with the clm template, seed 42."""
     from harness.progress import RunProgress
 
     card = get_card("sst2")
     ctx = RunContext(card, PromptFormat(card, "clm", ""), 42, service=service, progress=progress or RunProgress())
-    return get_method(config.__class__ is BBTConfig and "bbt" or "bbtv2")(config, ctx)
+    return get_method("bbt" if type(config) is BBTConfig else "bbtv2")(config, ctx)
 
 
 def test_each_cma_es_strategy_draws_from_its_own_stream():
     """Not from numpy's global generator: a strategy's draws do not depend on which strategies were built after it,
     on what else draws from numpy, or on the order the strategies are asked in."""
     config = get_method("bbtv2").config_class(intrinsic_dim=20, popsize=10)
-    alone = np.asarray(_bbtv2(config)._strategy(0).ask())
-    method = _bbtv2(config)
+    alone = np.asarray(_search(config)._strategy(0).ask())
+    method = _search(config)
     first, second = method._strategy(0), method._strategy(1)
     np.random.seed(7)
     np.random.randn(5)  # someone else moves numpy's global generator on
@@ -406,7 +407,7 @@ def test_bbtv2_starts_cma_es_with_the_reference_step_and_bbt_keeps_its_own():
     bbt, bbtv2 = BBTConfig(), get_method("bbtv2").config_class()
     assert (bbt.sigma, bbt.alpha, bbtv2.sigma, bbtv2.alpha) == (1.0, 1.0, 0.2, 0.2)
     assert projection_std(0.5, 500, bbtv2.sigma, bbtv2.alpha) == projection_std(0.5, 500, bbt.sigma, bbt.alpha)
-    assert _bbtv2(bbtv2)._strategy(0).sigma == 0.2 and _bbtv2(bbt)._strategy(0).sigma == 1.0
+    assert _search(bbtv2)._strategy(0).sigma == 0.2 and _search(bbt)._strategy(0).sigma == 1.0
     specs = expand(["bbt", "bbtv2"], ["sst2"], [42], "gemma3-270m", get_profile("paper"))
     assert [(s.config["sigma"], s.config["alpha"]) for s in specs] == [(1.0, 1.0), (0.2, 0.2)]
 
@@ -420,7 +421,7 @@ def test_bbtv2_layers_accept_their_candidate_after_every_generation(accept):
     # BBT's larger step: some generations then fall short of the best loss so far, and the rules part
     config = get_method("bbtv2").config_class(
         budget=160, popsize=10, intrinsic_dim=20, n_tokens=2, eval_every=10, sigma=1.0, alpha=1.0, accept=accept)
-    method = _bbtv2(config, ModelService(tiny_backbone("gemma3")))
+    method = _search(config, ModelService(tiny_backbone("gemma3")))
     generations, incumbents = [], []
     evaluate, dev_check = method.evaluate, method._dev_check
 
@@ -464,7 +465,7 @@ def test_pycma_stops_a_strategy_whose_fitness_is_flat(method_name):
     cls = get_method(method_name)
     config = cls.config_class(budget=400, popsize=10, intrinsic_dim=20, n_tokens=2, eval_every=50, alpha=0.0)
     service, progress = ModelService(tiny_backbone("gemma3")), RunProgress()
-    method = _bbtv2(config, service, progress)
+    method = _search(config, service, progress)
     with service.phase("train"):
         method.fit(train, dev)
     trace = json.loads(json.dumps(method.trace()))  # it goes into the JSON record as it is
