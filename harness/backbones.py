@@ -95,9 +95,23 @@ class Backbone:
     tokenizer: object
     identity: dict
 
+    def __post_init__(self):
+        give_pad_token(self.tokenizer, self.name)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def give_pad_token(tokenizer, name: str) -> None:
+    """Batches are padded (on the right: the read positions are the mask or the last real token, and causal LMs
+    never attend to what follows), so a tokenizer without a pad token (GPT-2's has none) pads with its end-of-text
+    token. Which token pads does not matter: the attention mask hides it and no position reads it."""
+    if tokenizer.pad_token is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise HarnessError(f"backbone '{name}': its tokenizer has neither a pad nor an end-of-text token to pad batches with")
+    tokenizer.pad_token = tokenizer.eos_token
 
 
 def cache_root() -> Path:

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from harness.backbones import DEFAULT_BACKBONE, DTYPES, REGISTRY, get_spec, resolve_dtype
-from harness.check import DEFAULT_CONFIG, run_checks
+from harness.check import DEFAULT_CONFIG, run_checks, write_json
 from harness.compiled import MODES as COMPILE_MODES
 from harness.errors import HarnessError, unknown_name
 from harness.profiles import PROFILES, default_profile, get_profile
@@ -139,13 +139,17 @@ def cmd_report(args) -> int:
 
 
 def cmd_check(args) -> int:
-    results = run_checks(args.config, args.data_dir, args.tasks_dir)
+    only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
+    results = run_checks(args.config, args.data_dir, args.tasks_dir, only)
+    if args.json:
+        write_json(results, args.json)
     for r in results:
         verdict = "ok" if r["ok"] else "REGRESSION"
-        print(f"{verdict:10s} {r['method']}/{r['task']} ({r['dtype']}): {r['score']:.2f} (threshold {r['min_score']:.2f})")
+        print(f"{verdict:10s} {r['name']} ({r['dtype']}, {r['threads']} threads): {r['score']:.2f} "
+              f"(threshold {r['min_score']:.2f}; {r['seconds']:.0f} s)")
     failed = [r for r in results if not r["ok"]]
     if failed:
-        names = ", ".join(f"{r['method']}/{r['task']} {r['score']:.2f} < {r['min_score']:.2f}" for r in failed)
+        names = ", ".join(f"{r['name']} {r['score']:.2f} < {r['min_score']:.2f}" for r in failed)
         print(f"harness: error: accuracy regression: {names}", file=sys.stderr)
         return 1
     return 0
@@ -216,6 +220,8 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--config", default=str(DEFAULT_CONFIG), help="the checks and thresholds (default: regression.yaml)")
     check.add_argument("--data-dir", help="local task data (else HARNESS_DATA_DIR, else the hub)")
     check.add_argument("--tasks-dir", action="append")
+    check.add_argument("--only", help="run only these checks, comma-separated method/task names (default: all)")
+    check.add_argument("--json", help="also write each check's score and verdict to this JSON file")
     check.set_defaults(func=cmd_check)
 
     bench = sub.add_parser("bench", help="BBT's per-call cost: the reference code's loop against the default path")

@@ -43,6 +43,13 @@ class RunProgress:
             self._tqdm = tqdm(total=size, initial=done, unit=unit, desc=self.label, position=1, leave=False,
                               dynamic_ncols=True)
 
+    def resize(self, size: int) -> None:
+        """The work in all has changed (a search that stops early)."""
+        self.size = size
+        if self._tqdm is not None:
+            self._tqdm.total = size
+            self._tqdm.refresh()
+
     def advance(self, k: int = 1) -> None:
         self.done += k
         if self._tqdm is not None:

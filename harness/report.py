@@ -72,6 +72,8 @@ def load_frame(records: list[dict]) -> pd.DataFrame:
                 "versions": r["versions"],
                 "trained": (r.get("trace") or {}).get("trained") if r["group"] == "gradient-based" else None,
                 "calls": (r.get("trace") or {}).get("calls") if r["method"] in BLACK_BOX_SEARCH else None,
+                # the calls at which an interrupted attempt's checkpoint was taken up again ("" if it never was)
+                "resumed_at": ", ".join(str(c) for c in r["meters"].get("resumed_at_calls") or []),
             }
         )
     return pd.DataFrame(rows)
@@ -99,13 +101,18 @@ def _task_cells(runs: pd.DataFrame, tasks: list[str], headers: list[str]) -> dic
     """One row's score cells (mean ± std over seeds, or – where a task has no run) and the average over tasks."""
     row, means = {}, []
     for task, header in zip(tasks, headers):
-        scores = runs[runs["task"] == task]["score"]
-        row[header] = _cell(scores) if len(scores) else "–"
+        part = runs[runs["task"] == task]
+        scores = part["score"]
+        resumed = "resumed_at" in part and bool((part["resumed_at"] != "").any())
+        row[header] = (_cell(scores) + RESUMED * resumed) if len(scores) else "–"
         if len(scores):
             means.append(scores.mean())
     partial = "" if len(means) == len(tasks) else f" ({len(means)} task{'s' * (len(means) > 1)})"
     row["avg"] = f"{sum(means) / len(means):.2f}{partial}"
     return row
+
+
+RESUMED = " ‡"  # a cell with a run that was interrupted and resumed from its checkpoint
 
 
 def _markdown(rows: list[dict]) -> str:
@@ -247,6 +254,10 @@ def provenance(frame: pd.DataFrame) -> str:
         found = {k: v for c in part["caveats"] for k, v in c.items()}
         if found:
             caveats.append(f"  - {task}: " + "; ".join(found.values()))
+    resumed = frame[frame["resumed_at"] != ""]
+    if len(resumed):
+        runs = "; ".join(f"{r.method}/{r.task}/seed{r.seed} at {r.resumed_at} calls" for r in resumed.itertuples())
+        lines.append(f"- resumed runs (‡): interrupted, then resumed from a mid-run checkpoint: {runs}")
     lines.append("- data caveats († = scored on a subset of the eval split):" if caveats else "- data caveats: none")
     return "\n".join(lines + caveats)
 

@@ -47,9 +47,9 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def method_config(method: str, profile: Profile, overrides: dict | None = None):
+def method_config(method: str, profile: Profile, overrides: dict | None = None, task: str | None = None):
     cls = get_method(method).config_class
-    values = {**profile.overrides_for(method), **(overrides or {})}
+    values = {**profile.overrides_for(method, task), **(overrides or {})}
     unknown = set(values) - set(cls.__dataclass_fields__)
     if unknown:
         raise HarnessError(f"method '{method}' has no setting(s) {sorted(unknown)}; it has {sorted(cls.__dataclass_fields__)}")
@@ -61,10 +61,10 @@ def expand(
 ) -> list[RunSpec]:
     specs = []
     for method in methods:
-        config = asdict(method_config(method, profile))
         # a method that uses no training data gives the same result for every split: run it once
         method_seeds = seeds if get_method(method).uses_train else seeds[:1]
         for task in tasks:
+            config = asdict(method_config(method, profile, task=task))  # in the spec, so in the run's id
             for seed in method_seeds:
                 specs.append(RunSpec(method, task, seed, backbone, profile.k_shot, profile.eval_cap, config, dtype))
     return specs

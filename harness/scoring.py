@@ -8,9 +8,15 @@
 Only the label-word rows of the output layer are applied (after an MLM head's transform), so no
 full-vocabulary logits are ever formed; tests compare every path with the model's own full forward.
 
+Black-box prompts (BBT, BBTv2) go right after the leading special token (<s>, [CLS], <bos>; at the start where
+there is none). Slot 0 enters with the input embeddings, except in masked LMs, where it is added to the output of
+the embeddings module (after its LayerNorm and dropout), as the reference's RoBERTa and BERT do; slot j >= 1 is
+added to the hidden states entering layer j.
+
 Gradient methods reuse these paths (`Scorer.encode` and `forward_label_logits` are differentiable) and may pass
 `soft`: trainable inputs the body receives besides the text (see `SoftInputs`): virtual input vectors (prompt
-tuning) and per-layer key/value prefixes (P-tuning v2). The read positions move with them.
+tuning, at the same place as BBT's prompt) and per-layer key/value prefixes (P-tuning v2). The read positions move
+with them.
 """
 
 from __future__ import annotations
@@ -64,8 +70,9 @@ class Encoded:
 
 @dataclass
 class PromptBatch:
-    """Prompt vectors of P candidates: [P, slots, n_tokens, hidden]. Slot 0 enters with the input embeddings
-    (added to `placeholders` in "add" mode); slot j >= 1 is added to the hidden states entering layer j."""
+    """Prompt vectors of P candidates: [P, slots, n_tokens, hidden]. Slot 0 enters with the input embeddings, or
+    with the embeddings module's output in masked LMs (added to the `placeholders` tokens in "add" mode, alone in
+    "cat" mode); slot j >= 1 is added to the hidden states entering layer j."""
 
     vectors: torch.Tensor
     placeholders: torch.Tensor | None = None  # [n_tokens, hidden] embeddings of the placeholder tokens
@@ -154,8 +161,9 @@ def embedding_scale(model) -> float:
 class SoftInputs(Protocol):
     """Trainable inputs a gradient method adds to the body; either may return None.
 
-    - `input_prompt(n)`: [n, P, hidden] vectors placed before the input embeddings (the encoder's, for seq2seq);
-      the read positions of clm/mlm move P to the right.
+    - `input_prompt(n)`: [n, P, hidden] vectors placed among the input embeddings (the encoder's, for seq2seq)
+      where BBT's prompt goes: after the leading special token (<bos>, <s>, [CLS]), else first; the read positions
+      of clm/mlm move P to the right.
     - `kv_prefix(n)`: (cache, K): a fresh cache holding K key/value vectors at every layer (the decoder's
       self-attention, for seq2seq, as peft does); the attention mask gains K leading ones.
     """
@@ -167,6 +175,11 @@ class SoftInputs(Protocol):
 
 def _ones_before(mask: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+
+
+def _insert(sequence: torch.Tensor, at: int, piece: torch.Tensor) -> torch.Tensor:
+    """`piece` placed inside `sequence` (along dim 1) before position `at`."""
+    return torch.cat([sequence[:, :at], piece.to(sequence.dtype), sequence[:, at:]], dim=1)
 
 
 def _cache_kwarg(module) -> str:
@@ -273,21 +286,23 @@ class Scorer:
         (input embeddings, attention mask, the tiled encoding)."""
         tiled = enc.tile(prompt.size)
         embeds = self.model.get_input_embeddings()(tiled.input_ids)
-        first = prompt.rows(0, enc.input_ids.shape[0])
-        if prompt.placeholders is not None:
-            first = first + prompt.placeholders
-        at, width = self.insert_at, prompt.n_tokens
-        embeds = torch.cat([embeds[:, :at], first.to(embeds.dtype), embeds[:, at:]], dim=1)
-        ones = torch.ones(tiled.attention_mask.shape[0], width, dtype=tiled.attention_mask.dtype, device=self.device)
-        mask = torch.cat([tiled.attention_mask[:, :at], ones, tiled.attention_mask[:, at:]], dim=1)
-        return embeds, mask, tiled
+        embeds = _insert(embeds, self.insert_at, self._slot0_inputs(prompt, enc.input_ids.shape[0]))
+        ones = torch.ones(tiled.attention_mask.shape[0], prompt.n_tokens, dtype=tiled.attention_mask.dtype, device=self.device)
+        return embeds, _insert(tiled.attention_mask, self.insert_at, ones), tiled
+
+    def _slot0_inputs(self, prompt: PromptBatch, n: int) -> torch.Tensor:
+        """The input embeddings at the prompt positions, [P * n, n_tokens, hidden]: slot 0's vectors (+ the
+        placeholder tokens' embeddings in "add" mode)."""
+        first = prompt.rows(0, n)
+        return first if prompt.placeholders is None else first + prompt.placeholders
 
     def _shift(self, read_at: torch.Tensor, width: int) -> torch.Tensor:
         return read_at + width  # the read position moves right by the prompt's length
 
     @contextmanager
     def deep_prompts(self, prompt: PromptBatch, n: int):
-        """Add slot j's vectors to the hidden states entering layer j, at the prompt positions."""
+        """Add slot j's vectors to the hidden states entering layer j, at the prompt positions (and, in masked LMs,
+        slot 0's to the embeddings' output: see MaskedScorer)."""
         handles = []
         at, width = self.insert_at, prompt.n_tokens
         layers = transformer_layers(self.model)
@@ -346,15 +361,17 @@ class Scorer:
 
 
     def _prompted(self, enc: Encoded, soft: SoftInputs | None, embedder) -> tuple[dict, int]:
-        """The body's (or encoder's) keyword inputs with any input prompt placed first, and its length."""
+        """The body's (or encoder's) keyword inputs with any input prompt placed after the leading special token,
+        and its length."""
         kwargs = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
         prompt = soft.input_prompt(enc.input_ids.shape[0]) if soft is not None else None
         if prompt is None:
             return kwargs, 0
         embeds = embedder.get_input_embeddings()(enc.input_ids)  # the module the body would apply (Gemma scales)
-        kwargs = {
-            "inputs_embeds": torch.cat([prompt.to(embeds.dtype), embeds], dim=1),
-            "attention_mask": _ones_before(enc.attention_mask, prompt.shape[1]),
+        ones = enc.attention_mask.new_ones(enc.attention_mask.shape[0], prompt.shape[1])
+        kwargs = {  # where BBT's prompt goes, so both prompt methods see one layout
+            "inputs_embeds": _insert(embeds, self.insert_at, prompt),
+            "attention_mask": _insert(enc.attention_mask, self.insert_at, ones),
         }
         return kwargs, prompt.shape[1]
 
@@ -416,9 +433,7 @@ class CausalScorer(Scorer):
         from transformers import DynamicCache
 
         embed = self.model.get_input_embeddings()
-        first = prompt.vectors[:, 0]
-        if prompt.placeholders is not None:
-            first = first + prompt.placeholders
+        first = self._slot0_inputs(prompt, 1)
         lead = torch.tensor([self.lead_ids], dtype=torch.long, device=self.device).view(1, -1)
         head = embed(lead).expand(prompt.size, self.insert_at, -1)  # the shared <bos>, if any
         cache = DynamicCache(config=self.model.config)
@@ -444,10 +459,42 @@ class CausalScorer(Scorer):
 
 
 class MaskedScorer(Scorer):
+    """Slot 0 of a black-box prompt is added to the output of the embeddings module (word + position + token-type
+    embeddings, LayerNorm, dropout) at the prompt positions, as the reference's RoBERTa and BERT add it to
+    `embedding_output`; the input embeddings there hold the placeholder tokens ("add" mode), or nothing that
+    survives ("cat" mode: the vectors replace the embeddings' output, as the reference concatenates them after it)."""
+
     family = "mlm"
 
     def _read_positions(self, input_ids, attention_mask):
         return self._mask_positions(input_ids)
+
+    def _slot0_inputs(self, prompt, n):
+        rows = prompt.size * n
+        if prompt.placeholders is not None:
+            return prompt.placeholders.expand(rows, -1, -1)
+        return prompt.vectors.new_zeros(rows, prompt.n_tokens, prompt.vectors.shape[-1])
+
+    @contextmanager
+    def deep_prompts(self, prompt, n):
+        vectors = prompt.rows(0, n)
+        at, width, add = self.insert_at, prompt.n_tokens, prompt.placeholders is not None
+
+        def hook(module, args, output):
+            span = vectors.to(output.dtype)
+            if add:
+                span = output[:, at : at + width] + span
+            return torch.cat([output[:, :at], span, output[:, at + width :]], dim=1)
+
+        embeddings = getattr(self.model.base_model, "embeddings", None)
+        if embeddings is None:
+            raise HarnessError(f"cannot find the embeddings module of {type(self.model).__name__} to add the prompt to")
+        handle = embeddings.register_forward_hook(hook)
+        try:
+            with super().deep_prompts(prompt, n):
+                yield
+        finally:
+            handle.remove()
 
     def _soft_label_logits(self, enc, label_ids, soft):
         return _mlm_label_logits(self.model, self._body_hidden(enc, soft), label_ids)

@@ -23,6 +23,7 @@ from methods import register
 from methods.base import Method, MethodConfig
 
 LOSSES = ("auto", "ce", "hinge", "neg-metric")
+ACCEPT = ("xbest", "generation-best", "global-best")
 log = logging.getLogger("harness")
 
 
@@ -61,6 +62,18 @@ class BBTConfig(MethodConfig):
     eval_batch_size: int = 32
 
 
+@dataclass
+class BBTv2Config(BBTConfig):
+    # the reference README's BBTv2 command: the same projection std as BBT (alpha / sigma = 1), but CMA-ES starts
+    # with a 5x smaller step
+    sigma: float = 0.2
+    alpha: float = 0.2
+    # what layer j keeps after each of its generations: xbest (the reference: its strategy's best candidate so far,
+    # pycma's result.xbest) | generation-best (the generation's best) | global-best (the generation's best, only
+    # when it beats every loss seen so far)
+    accept: str = "xbest"
+
+
 class _BlackBoxPromptSearch(Method):
     """What BBT and BBTv2 share: the prompt protocol, losses, dev checks, prediction, trace."""
 
@@ -81,7 +94,7 @@ class _BlackBoxPromptSearch(Method):
         self.calls = 0
         self.setup_s = 0.0
         self.slots = 1
-        self._trace = {"train": [], "dev": []}
+        self._trace = {"train": [], "dev": [], "stopped": []}
         self._best_dev = (-np.inf, np.inf)
 
     # --- the objective -------------------------------------------------------------------------------------
@@ -130,10 +143,24 @@ class _BlackBoxPromptSearch(Method):
 
     def _strategy(self, slot: int) -> cma.CMAEvolutionStrategy:
         cfg = self.config
-        options = {"popsize": cfg.popsize, "seed": 1000 * self.ctx.seed + slot + 1, "verbose": -9}
+        # Each strategy samples from its own generator, pickled with it. pycma's default is numpy's global one:
+        # BBTv2's strategies would share it, and a pickle copies it away from the sampler while pycma's other
+        # draws (TPA's consistency check) stay on the global one, so a resumed run took another path.
+        # seed=nan: pycma leaves numpy's global generator alone.
+        stream = np.random.RandomState(1000 * self.ctx.seed + slot + 1)
+        options = {"popsize": cfg.popsize, "randn": stream.randn, "seed": np.nan, "verbose": -9}
         if cfg.bound:
             options["bounds"] = [-cfg.bound, cfg.bound]
         return cma.CMAEvolutionStrategy(np.zeros(cfg.intrinsic_dim), cfg.sigma, options)
+
+    def _stops(self, es: cma.CMAEvolutionStrategy, slot: int) -> bool:
+        """pycma's own termination (the reference loops `while not es.stop()`), recorded with the calls spent."""
+        reason = es.stop()
+        if reason:
+            why = {k: v.item() if isinstance(v, np.generic) else v for k, v in reason.items()}
+            self._trace["stopped"].append({"slot": slot, "calls": self.calls, "reason": why})
+            log.info("    %s: pycma stopped slot %d at %d calls (%s)", self.name, slot, self.calls, ", ".join(why))
+        return bool(reason)
 
     def _record_train(self, best_loss: float, best_logits: np.ndarray) -> None:
         acc = float(np.mean(best_logits.argmax(axis=1) == self.train_labels) * 100)
@@ -203,12 +230,16 @@ class BBT(_BlackBoxPromptSearch):
         state = self._resume() or {"es": self._strategy(0), "best_loss": np.inf, "best_logits": None}
         es = state["es"]
         self.ctx.progress.total(self.config.budget // self.config.popsize * self.config.popsize, "call", self.calls)
-        while self.calls + self.config.popsize <= self.config.budget:
+        stopped = bool(self._trace["stopped"])
+        while self.calls + self.config.popsize <= self.config.budget and not stopped:
             before = self.calls
             z = np.asarray(es.ask())
             losses, logits = self.evaluate(z[:, None, :])
             self.ctx.progress.advance(len(z))
             es.tell(list(z), losses)
+            stopped = self._stops(es, 0)
+            if stopped:
+                self.ctx.progress.resize(self.calls)
             i = int(np.argmin(losses))
             if losses[i] < state["best_loss"]:
                 state.update(best_loss=losses[i], best_logits=logits[i])
@@ -222,7 +253,13 @@ class BBT(_BlackBoxPromptSearch):
 @register
 class BBTv2(_BlackBoxPromptSearch):
     name = "bbtv2"
+    config_class = BBTv2Config
     deep = True
+
+    def __init__(self, config, ctx):
+        super().__init__(config, ctx)
+        if config.accept not in ACCEPT:
+            raise HarnessError(f"bbtv2: accept must be one of {', '.join(ACCEPT)}, not '{config.accept}'")
 
     def fit(self, train, dev):
         self._setup(train, dev)
@@ -240,10 +277,17 @@ class BBTv2(_BlackBoxPromptSearch):
             "best_logits": None,
             "step": 0,  # round * layers + layer: the next generation to run
         }
-        incumbent = state["incumbent"]
-        self.ctx.progress.total(rounds * self.slots * cfg.popsize, "call", self.calls)
-        for step in range(state["step"], rounds * self.slots):
+        incumbent, steps = state["incumbent"], rounds * self.slots
+        stopped = {s["slot"] for s in self._trace["stopped"]}  # layers pycma stopped; the others go on
+
+        def planned(step: int) -> int:  # the calls spent so far plus those of the generations still to run
+            return self.calls + cfg.popsize * sum(s % self.slots not in stopped for s in range(step, steps))
+
+        self.ctx.progress.total(planned(state["step"]), "call", self.calls)
+        for step in range(state["step"], steps):
             slot, es = step % self.slots, state["strategies"][step % self.slots]
+            if slot in stopped:
+                continue
             before = self.calls
             z = np.asarray(es.ask())
             candidates = np.repeat(incumbent[None], len(z), axis=0)
@@ -252,11 +296,20 @@ class BBTv2(_BlackBoxPromptSearch):
             self.ctx.progress.advance(len(z))
             es.tell(list(z), losses)
             i = int(np.argmin(losses))
-            if losses[i] < state["best_loss"]:
+            improved = losses[i] < state["best_loss"]
+            if improved:
                 state.update(best_loss=losses[i], best_logits=logits[i])
+            if cfg.accept == "xbest":
+                incumbent[slot] = es.result.xbest
+            elif cfg.accept == "generation-best" or improved:
                 incumbent[slot] = z[i]
             self._record_train(state["best_loss"], state["best_logits"])
+            if self._stops(es, slot):
+                stopped.add(slot)
+                self.ctx.progress.resize(planned(step + 1))
             if self._due(before):
                 self._dev_check(incumbent)
                 self._save({**state, "step": step + 1})
+            if len(stopped) == self.slots:
+                break
         self._final_check(incumbent)

@@ -1,5 +1,5 @@
 """Shared fixtures: small randomly initialised models of every family, built from a config with a tokenizer
-made here (no download), and the real task data from ../shared/data."""
+made here (no download) and configured like the family's real one, and the real task data from ../shared/data."""
 
 from __future__ import annotations
 

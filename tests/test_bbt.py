@@ -1,5 +1,12 @@
 """BBT and BBTv2: the optimiser, the projection, the prompt injection, budgets, batching and bytes."""
 
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,8 +20,9 @@ from harness.service import ModelService
 from harness.tasks import get_card
 from methods import get_method
 from methods.base import RunContext
-from methods.bbt import cross_entropy, hinge
+from methods.bbt import BBTConfig, cross_entropy, hinge
 from tests.conftest import tiny_backbone
+from tests.resume_driver import split
 
 FAMILY_KINDS = ["gpt2", "gemma3", "roberta", "bert", "t5", "bart"]
 
@@ -108,6 +116,47 @@ def test_add_mode_with_zero_prompt_equals_the_placeholder_tokens_as_text(kind):
     with torch.no_grad():
         literal = scorer.forward_label_logits(enc, ids)
     torch.testing.assert_close(prompted, literal, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["roberta", "bert"])
+@pytest.mark.parametrize("mode", ["add", "cat"])
+def test_masked_lm_slot0_is_added_to_the_embeddings_output(kind, mode):
+    """As the reference's RoBERTa and BERT: slot 0 is added to the embeddings module's output (after its LayerNorm
+    and dropout) at the prompt positions right after <s>/[CLS], which hold the placeholder tokens ("add"); in "cat"
+    mode the vectors replace that output. Compared with the model's own full forward (its real LM head, bias
+    included) over the placeholder tokens as text, the prompt added by a hook on the embeddings module."""
+    backbone = tiny_backbone(kind)
+    model, scorer = backbone.model, make_scorer(backbone)
+    torch.manual_seed(1)
+    with torch.no_grad():  # weights of std 0.2, not 0.02: the prompt then moves the logits well beyond the tolerance
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(std=0.2)
+    mask = mask_string(backbone.tokenizer, backbone.family)
+    texts = [f"the movie was good . it was {mask} .", f"bad . {mask}"]
+    ids = label_token_ids(backbone.tokenizer, [" good", " bad"])
+    table = model.get_input_embeddings()
+    placeholder_ids = torch.arange(10, 14)
+    vectors = torch.randn(2, 1, 4, table.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    got = scorer.label_logits(texts, ids, PromptBatch(vectors, table(placeholder_ids) if mode == "add" else None))
+
+    enc = scorer.encode(texts)
+    n, rows = len(texts), torch.arange(len(texts))
+    assert scorer.insert_at == 1
+    input_ids = torch.cat([enc.input_ids[:, :1], placeholder_ids.expand(n, 4), enc.input_ids[:, 1:]], 1)
+    attention = torch.cat([enc.attention_mask[:, :1], torch.ones(n, 4, dtype=torch.long), enc.attention_mask[:, 1:]], 1)
+    want = []
+    for candidate in vectors:
+        def add_prompt(module, args, output, prompt=candidate[0].expand(n, -1, -1)):
+            span = output[:, 1:5] + prompt if mode == "add" else prompt
+            return torch.cat([output[:, :1], span, output[:, 5:]], 1)
+
+        handle = model.base_model.embeddings.register_forward_hook(add_prompt)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention).logits
+        handle.remove()
+        want.append(logits[rows, enc.read_at + 4][:, ids])
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", FAMILY_KINDS)
@@ -280,60 +329,154 @@ def test_length_buckets_partition_and_minimise_padding():
     assert len(length_buckets([1, 2, 3, 100], overhead=10.0)) == 1  # a forward's cost outweighs the padding saved
 
 
-class _Killed(Exception):
-    pass
+@pytest.mark.parametrize("method_name, kill_at", [("bbt", 60), ("bbtv2", 160)])
+def test_a_killed_run_resumes_in_a_new_process_to_the_uninterrupted_result(method_name, kill_at, tmp_path):
+    """A process SIGKILLed right after a dev check's checkpoint; a new one resumes from the file and must end where
+    a run never interrupted ends: trace, kept solution, predictions and query counts (tests/resume_driver.py)."""
+    # the same thread settings in every process (float32 sums depend on them); one thread keeps a busy CPU quick
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+    def driver(*args):
+        command = [sys.executable, "-m", "tests.resume_driver", method_name, str(tmp_path), *args]
+        return subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, timeout=600)
+
+    killed = driver(str(kill_at))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-3000:]
+    state = pickle.loads((tmp_path / "run.pkl").read_bytes())["state"]
+    assert state["calls"] == kill_at
+    # a hard place to stop: the next generation of a strategy starts with pycma's lazy eigendecomposition of its
+    # covariance and, for BBTv2, the round is half done
+    es = state["es"] if method_name == "bbt" else state["strategies"][0]
+    assert es.sm.count_tell >= es.sm.last_update + es.sm.lazy_update_gap and es.sm.last_update == 0
+    if method_name == "bbtv2":
+        assert state["step"] % 3 != 0
+    done = driver()
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    outcome = pickle.loads((tmp_path / "out.pkl").read_bytes())
+    resumed, whole = outcome["resumed"], outcome["whole"]
+    assert resumed["resumed_at"] == [kill_at] and whole["resumed_at"] == []
+    assert resumed["trace"] == whole["trace"]
+    np.testing.assert_array_equal(resumed["best_z"], whole["best_z"])
+    np.testing.assert_array_equal(resumed["predictions"], whole["predictions"])
+    assert resumed["queries"] == whole["queries"]  # each call counted once over both attempts
 
 
-class _DiesAfter:
-    """A checkpoint whose process 'dies' right after its n-th save."""
+def test_an_older_checkpoint_is_not_resumed(tmp_path):
+    """A checkpoint from before strategies owned their random streams would resume onto numpy's global one."""
+    from harness.checkpoint import Checkpoint
 
-    def __init__(self, checkpoint, saves):
-        self.checkpoint, self.saves = checkpoint, saves
+    path = tmp_path / "run.pkl"
+    old = {"state": {"calls": 20}, "numpy_random": np.random.get_state(), "meter": None, "elapsed_s": 1.0, "resumed_at": []}
+    path.write_bytes(pickle.dumps(old))
+    checkpoint = Checkpoint(path)
+    assert checkpoint.load() is None and checkpoint.resumed_at == [] and checkpoint.earlier_s == 0
 
-    def save(self, state):
-        self.checkpoint.save(state)
-        self.saves -= 1
-        if self.saves == 0:
-            raise _Killed
 
-    def load(self):
-        return self.checkpoint.load()
+def _search(config, service=None, progress=None):
+    """BBT or BBTv2 (as the config's class says) on sst2 with the clm template, seed 42."""
+    from harness.progress import RunProgress
+
+    card = get_card("sst2")
+    ctx = RunContext(card, PromptFormat(card, "clm", ""), 42, service=service, progress=progress or RunProgress())
+    return get_method("bbt" if type(config) is BBTConfig else "bbtv2")(config, ctx)
+
+
+def test_each_cma_es_strategy_draws_from_its_own_stream():
+    """Not from numpy's global generator: a strategy's draws do not depend on which strategies were built after it,
+    on what else draws from numpy, or on the order the strategies are asked in."""
+    config = get_method("bbtv2").config_class(intrinsic_dim=20, popsize=10)
+    alone = np.asarray(_search(config)._strategy(0).ask())
+    method = _search(config)
+    first, second = method._strategy(0), method._strategy(1)
+    np.random.seed(7)
+    np.random.randn(5)  # someone else moves numpy's global generator on
+    other = np.asarray(second.ask())
+    np.testing.assert_array_equal(np.asarray(first.ask()), alone)
+    assert not np.allclose(other, alone)  # each slot its own seed
+    before = np.random.get_state()[1].copy()
+    method._strategy(2)
+    np.testing.assert_array_equal(np.random.get_state()[1], before)  # building a strategy leaves numpy's alone
+
+
+def test_bbtv2_starts_cma_es_with_the_reference_step_and_bbt_keeps_its_own():
+    """The reference's BBTv2 command uses sigma 0.2 and alpha 0.2: the projection std alpha / sigma is BBT's, the
+    initial step 5x smaller."""
+    from harness.profiles import get_profile
+    from harness.runner import expand
+
+    bbt, bbtv2 = BBTConfig(), get_method("bbtv2").config_class()
+    assert (bbt.sigma, bbt.alpha, bbtv2.sigma, bbtv2.alpha) == (1.0, 1.0, 0.2, 0.2)
+    assert projection_std(0.5, 500, bbtv2.sigma, bbtv2.alpha) == projection_std(0.5, 500, bbt.sigma, bbt.alpha)
+    assert _search(bbtv2)._strategy(0).sigma == 0.2 and _search(bbt)._strategy(0).sigma == 1.0
+    specs = expand(["bbt", "bbtv2"], ["sst2"], [42], "gemma3-270m", get_profile("paper"))
+    assert [(s.config["sigma"], s.config["alpha"]) for s in specs] == [(1.0, 1.0), (0.2, 0.2)]
+
+
+@pytest.mark.parametrize("accept", ["xbest", "generation-best", "global-best"])
+def test_bbtv2_layers_accept_their_candidate_after_every_generation(accept):
+    """xbest (the reference, the default): layer j takes its strategy's best candidate so far after each of its
+    generations, whether or not it beats the best loss of the whole search; generation-best: the generation's
+    best; global-best: the generation's best only when it beats every loss seen."""
+    train, dev, _ = split()
+    # BBT's larger step: some generations then fall short of the best loss so far, and the rules part
+    config = get_method("bbtv2").config_class(
+        budget=160, popsize=10, intrinsic_dim=20, n_tokens=2, eval_every=10, sigma=1.0, alpha=1.0, accept=accept)
+    method = _search(config, ModelService(tiny_backbone("gemma3")))
+    generations, incumbents = [], []
+    evaluate, dev_check = method.evaluate, method._dev_check
+
+    def spy_evaluate(z):
+        losses, logits = evaluate(z)
+        generations.append((z.copy(), np.array(losses)))
+        return losses, logits
+
+    method.evaluate = spy_evaluate
+    method._dev_check = lambda z: (incumbents.append(z.copy()), dev_check(z))  # after every generation
+    method.fit(train, dev)
+    assert len(incumbents) == len(generations) == 16
+    expected, kept, best, rules_differ = np.zeros((2, 20)), {0: [], 1: []}, np.inf, False
+    for (z, losses), incumbent in zip(generations, incumbents):
+        slot = int(np.flatnonzero(np.ptp(z, axis=0).any(axis=1))[0])  # the layer this generation varied
+        kept[slot] += [(loss, candidate) for loss, candidate in zip(losses, z[:, slot])]
+        i = int(np.argmin(losses))
+        by_rule = {
+            "xbest": min(kept[slot], key=lambda pair: pair[0])[1],  # the first of the lowest, as pycma keeps it
+            "generation-best": z[i, slot],
+            "global-best": z[i, slot] if losses[i] < best else expected[slot],
+        }
+        rules_differ |= not np.array_equal(by_rule[accept], by_rule["global-best"])
+        expected[slot], best = by_rule[accept], min(best, losses[i])
+        np.testing.assert_array_equal(incumbent, expected)
+    assert rules_differ or accept == "global-best"  # this run tells the rules apart
 
 
 @pytest.mark.parametrize("method_name", ["bbt", "bbtv2"])
-def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_result(method_name, shared_data, tmp_path):
-    from harness.checkpoint import Checkpoint
+def test_pycma_stops_a_strategy_whose_fitness_is_flat(method_name):
+    """The reference loops while pycma does not say stop. With alpha 0 the projection is zero: no z changes the
+    prompt, every candidate scores the same loss, and pycma stops each strategy on its flat fitness (tolfun: the
+    losses span less than 1e-11).
+    BBTv2's other layers go on after one stops; the calls counted are those spent, and the last incumbent is still
+    checked on dev."""
+    import json
 
-    card = get_card("sst2")
-    split = make_split(card, load_task_data(card, str(shared_data)), 16, 42, 8)
-    backbone = tiny_backbone("gemma3")
+    from harness.progress import RunProgress
+
+    train, dev, _ = split()
     cls = get_method(method_name)
-    config = cls.config_class(budget=100, popsize=10, intrinsic_dim=20, n_tokens=4, eval_every=20)
-
-    def attempt(make_checkpoint):
-        service = ModelService(backbone)
-        checkpoint = make_checkpoint(service.meter)
-        ctx = RunContext(card, PromptFormat(card, "clm", ""), 42, service=service, checkpoint=checkpoint)
-        method = cls(config, ctx)
-        with service.phase("train"):
-            method.fit(split.train, split.dev)
-        return method, service, checkpoint
-
-    whole, whole_service, _ = attempt(lambda meter: Checkpoint(tmp_path / "whole.pkl", meter))
-    path = tmp_path / "run.pkl"
-    with pytest.raises(_Killed):
-        attempt(lambda meter: _DiesAfter(Checkpoint(path, meter), saves=2))
-    assert path.exists()
-    resumed, resumed_service, checkpoint = attempt(lambda meter: Checkpoint(path, meter))
-    assert checkpoint.resumed_at == [40]
-    assert resumed.calls == whole.calls == 100
-    assert resumed.trace() == whole.trace()
-    np.testing.assert_array_equal(resumed.best_z, whole.best_z)
-    # the service's counts cover both attempts once: the same as the uninterrupted run's (its seconds are timings)
-    def counts(service):
-        return {phase: {k: v for k, v in c.items() if k != "seconds"} for phase, c in service.meter.summary().items()}
-
-    assert counts(resumed_service) == counts(whole_service)
+    config = cls.config_class(budget=400, popsize=10, intrinsic_dim=20, n_tokens=2, eval_every=50, alpha=0.0)
+    service, progress = ModelService(tiny_backbone("gemma3")), RunProgress()
+    method = _search(config, service, progress)
+    with service.phase("train"):
+        method.fit(train, dev)
+    trace = json.loads(json.dumps(method.trace()))  # it goes into the JSON record as it is
+    stops = trace["stopped"]
+    assert [s["slot"] for s in stops] == list(range(method.slots))
+    assert all(s["reason"] == {"tolfun": 1e-11} for s in stops)
+    assert method.calls == stops[-1]["calls"] < 400
+    if method_name == "bbtv2":
+        assert stops[1]["calls"] == stops[0]["calls"] + 10  # layer 1 ran one more generation after layer 0 stopped
+    assert service.meter.summary()["train"]["queries"] == method.calls == progress.done == progress.size
+    assert trace["dev"][-1]["calls"] == method.calls and trace["train"][-1]["calls"] == method.calls
 
 
 def test_shared_slots_are_read_from_what_the_client_sent():

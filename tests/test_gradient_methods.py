@@ -14,7 +14,7 @@ import harness.runner as runner
 from harness.errors import HarnessError
 from harness.profiles import get_profile
 from harness.prompts import PromptFormat
-from harness.scoring import label_token_ids, make_scorer, mask_string
+from harness.scoring import Encoded, PromptBatch, label_token_ids, make_scorer, mask_string
 from harness.store import ResultsStore
 from harness.tasks import load_cards
 from methods import get_method, registry
@@ -125,7 +125,7 @@ def intended(method: str, name: str, model_type: str) -> bool:
 
 # --- the matrix -----------------------------------------------------------------------------------------------------
 
-TEST_LR = {"model-tuning": 1e-2, "adapter": 3e-2, "bitfit": 5e-2, "lora": 3e-2, "prompt-tuning": 1e-1, "p-tuning-v2": 1e-1}
+TEST_LR = {"model-tuning": 1e-2, "adapter": 3e-2, "bitfit": 2e-2, "lora": 3e-2, "prompt-tuning": 1e-1, "p-tuning-v2": 1e-1}
 STEPS = 20
 
 
@@ -235,8 +235,6 @@ def test_best_dev_state_is_restored_before_predicting():
 def _reference(bb, ids, mask, read_at, label_ids):
     """Label logits of the model's own forward over the concatenated ids (clm: next token; mlm: at the mask)."""
     scorer = make_scorer(bb)
-    from harness.scoring import Encoded
-
     return scorer.forward_label_logits(Encoded(ids, mask, read_at), label_ids)
 
 
@@ -251,10 +249,12 @@ class _Fixed:
         return None if self.prefix is None else (copy.deepcopy(self.prefix[0]), self.prefix[1])
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "gemma3", "roberta", "bert", "t5"])
-def test_input_prompt_equals_prepended_tokens(kind):
+@pytest.mark.parametrize("kind", KINDS)
+def test_input_prompt_equals_tokens_after_the_leading_special_token(kind):
+    """Prompt tuning's vectors go where BBT's prompt goes: after <bos>/<s>/[CLS] (first where there is none)."""
     bb = backbone(kind)
     scorer = make_scorer(bb)
+    assert scorer.insert_at == (0 if kind in ("gpt2", "t5") else 1)  # GPT-2 and T5 add no leading token
     mask = mask_string(bb.tokenizer, bb.family)
     texts = [f"the movie was great . it was {mask} .", f"bad film . it was {mask} ."]
     ids = label_token_ids(bb.tokenizer, [" bad", " great"])
@@ -262,13 +262,35 @@ def test_input_prompt_equals_prepended_tokens(kind):
     prefix_ids = torch.tensor([[7, 8, 9]])
     embedder = bb.model.get_encoder() if bb.family == "seq2seq" else bb.model
     soft = _Fixed(prompt=embedder.get_input_embeddings()(prefix_ids))
+    at = scorer.insert_at
     with torch.no_grad():
         got = scorer.forward_label_logits(enc, ids, soft=soft)
-        cat_ids = torch.cat([prefix_ids.expand(2, 3), enc.input_ids], 1)
-        cat_mask = torch.cat([torch.ones(2, 3, dtype=enc.attention_mask.dtype), enc.attention_mask], 1)
-        shift = 0 if bb.family == "seq2seq" else 3  # T5 reads in the decoder, whose positions do not move
-        want = _reference(bb, cat_ids, cat_mask, enc.read_at + shift, ids)
+        cat_ids = torch.cat([enc.input_ids[:, :at], prefix_ids.expand(2, 3), enc.input_ids[:, at:]], 1)
+        ones = torch.ones(2, 3, dtype=enc.attention_mask.dtype)
+        cat_mask = torch.cat([enc.attention_mask[:, :at], ones, enc.attention_mask[:, at:]], 1)
+        if bb.family == "seq2seq":  # the prompt is the encoder's: the decoder's inputs and read positions stay
+            decoded = bb.model(input_ids=cat_ids, attention_mask=cat_mask, decoder_input_ids=scorer._decoder_inputs(enc))
+            want = decoded.logits[torch.arange(2), enc.read_at][:, ids]
+        else:
+            want = _reference(bb, cat_ids, cat_mask, enc.read_at + 3, ids)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gemma3", "t5", "bart"])
+def test_prompt_tuning_and_bbt_place_their_prompt_alike(kind):
+    """The same vectors as prompt tuning's soft prompt and as BBT's slot 0 ("cat" mode) give the same logits: both
+    methods see one layout. (Masked LMs differ by design: BBT adds slot 0 after the embeddings' LayerNorm, as the
+    reference does; prompt tuning's vectors are input embeddings.)"""
+    bb = backbone(kind)
+    scorer = make_scorer(bb)
+    mask = mask_string(bb.tokenizer, bb.family)
+    texts = [f"the movie was great . it was {mask} .", f"bad film . it was {mask} ."]
+    ids = label_token_ids(bb.tokenizer, [" bad", " great"])
+    vectors = torch.randn(1, 1, 3, bb.model.get_input_embeddings().weight.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        soft = scorer.forward_label_logits(scorer.encode(texts), ids, soft=_Fixed(prompt=vectors[0]))
+        bbt = scorer.label_logits(texts, ids, PromptBatch(vectors))
+    torch.testing.assert_close(soft, bbt, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "gemma3"])
@@ -312,7 +334,7 @@ def test_prefix_and_prompt_do_not_leak_padding(kind):
 def test_prompt_longer_than_the_backbone_allows_is_an_error():
     bb = backbone("gpt2")
     cls = get_method("prompt-tuning")
-    m = cls(cls.config_class(num_virtual_tokens=300, steps=1, eval_every=1), context(bb))
+    m = cls(cls.config_class(num_virtual_tokens=1100, steps=1, eval_every=1), context(bb))
     try:
         with pytest.raises(HarnessError, match="prompt/prefix"):
             m.fit(TRAIN, DEV)

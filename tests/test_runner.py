@@ -133,6 +133,25 @@ def test_an_interrupted_bbt_run_resumes_in_the_next_grid_and_counts_its_whole_ti
     assert record["meters"]["resumed_at_calls"] == [20] and record["trace"]["calls"] == 40
     assert record["queries"]["train"]["queries"] == 40  # both attempts' calls, each once
     assert not store.checkpoint_path(spec.run_id).exists()
+    # the report marks the resumed run's cells and says where it was taken up again
+    text = render(store.records())
+    cells = [line for line in text.split("### Comparison")[1].split("### Cost")[0].splitlines() if "| bbt " in line]
+    assert len(cells) == 1 and " ‡" in cells[0]
+    assert "- resumed runs (‡): interrupted, then resumed from a mid-run checkpoint: bbt/sst2/seed13 at 20 calls" in text
+
+
+def test_the_paper_profile_gives_dbpedia_20000_calls_and_quick_keeps_its_caps():
+    """The reference README recommends 20,000 calls for DBpedia; the override lands in the spec (so in the run id)
+    and only there. The quick profile's method-wide caps win over it."""
+    def configs(profile):
+        specs = runner.expand(["bbt", "bbtv2"], ["sst2", "dbpedia"], [42], "gemma3-270m", get_profile(profile))
+        return {(s.method, s.task): s.config for s in specs}
+
+    paper, quick = configs("paper"), configs("quick")
+    assert [paper[m, "dbpedia"]["budget"] for m in ("bbt", "bbtv2")] == [20000, 20000]
+    assert [paper[m, "sst2"]["budget"] for m in ("bbt", "bbtv2")] == [8000, 8000]
+    assert quick["bbt", "dbpedia"]["budget"] == 200 and quick["bbtv2", "dbpedia"]["rounds"] == 1
+    assert quick["bbt", "dbpedia"] == quick["bbt", "sst2"]
 
 
 def test_half_precision_serves_black_box_methods_and_autocasts_gradient_ones(tmp_path, shared_data, monkeypatch):
@@ -183,6 +202,7 @@ def test_the_report_never_averages_runs_of_different_dtypes(tmp_path, shared_dat
         assert not runner.run_grid(specs, load_cards(), profile, store, str(shared_data)).failed
     text = render(store.records())
     assert "## tiny-gpt2, profile `quick`, float32" in text and "## tiny-gpt2, profile `quick`, bfloat16" in text
+    assert "‡" not in text  # no run here was resumed
     table = text.split("### Comparison")[1].split("### Cost")[0]
     assert not [line for line in table.splitlines() if line.startswith("|") and "±" in line]  # one run each, no spread
     for dtype in ("float32", "bfloat16"):
