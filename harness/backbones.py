@@ -144,6 +144,26 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def backbone_key(identity: dict) -> str:
+    """What names a backbone's weights, from a loaded (or served) backbone's identity or, before loading, from its
+    registry entry (`spec_identity`): an embedded GGUF's sha256, a hub model's id; a test model's name."""
+    if identity.get("gguf_sha256"):
+        key = {"gguf_sha256": identity["gguf_sha256"]}
+    elif identity.get("source") == "hub":
+        key = {"model_id": identity["model_id"]}
+    else:
+        key = {"source": identity.get("source"), "name": identity.get("name")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def spec_identity(name: str) -> dict:
+    """A registered backbone's identity as far as it is known without loading it."""
+    spec = get_spec(name)
+    if spec.source == "embedded":
+        return {"source": "embedded", "gguf_file": spec.gguf_file, "gguf_sha256": spec.gguf_sha256, "name": spec.name}
+    return {"source": "hub", "model_id": spec.model_id, "name": spec.name}
+
+
 def _auto(family: str):
     import transformers
 

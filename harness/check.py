@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
-from harness.backbones import get_spec, resolve_dtype
+from harness.backbones import get_spec, resolve_dtype, spec_identity
 from harness.errors import HarnessError
 from harness.profiles import Profile
-from harness.runner import method_config, run_grid
-from harness.store import ResultsStore, RunSpec
+from harness.runner import Identities, expand, run_grid
+from harness.store import ResultsStore
 from harness.tasks import load_cards
 
 log = logging.getLogger("harness")
@@ -84,23 +84,23 @@ def run_checks(path: str | Path, data_dir: str | None, tasks_dir=None, only: lis
     for check in checks:  # every check's settings are validated before the backbone loads
         if check["task"] not in cards:
             raise HarnessError(f"check {check_name(check)}: no task card '{check['task']}'")
-        eval_cap = check.get("eval_cap", raw.get("eval_cap"))
-        config = asdict(method_config(check["method"], profile, check.get("config"), check["task"]))
-        specs.append(RunSpec(check["method"], check["task"], seed, raw["backbone"], k_shot, eval_cap, config, dtype))
+        settings = {check["method"]: check.get("config") or {}}
+        ids = Identities.of(cards, [check["task"]], data_dir, spec_identity(raw["backbone"]))
+        checked = replace(profile, eval_cap=check.get("eval_cap", raw.get("eval_cap")), method_overrides=settings)
+        specs += expand([check["method"]], [check["task"]], [seed], raw["backbone"], checked, dtype, ids)
     with tempfile.TemporaryDirectory() as folder:  # always measured afresh, never taken from a results store
         store = ResultsStore(folder)
         summary = run_grid(specs, cards, profile, store, data_dir)
         if summary.failed:
             raise HarnessError("regression check runs failed: " + "; ".join(f"{l}: {e}" for l, e in summary.failed))
-        records = {r["run_id"]: r for r in store.records() if r["status"] == "ok"}
+        records = {r.run_id: r for r in store.records() if r.ok}
     results = []
     for check, spec in zip(checks, specs):
         record = records[spec.run_id]
-        measured = record["metrics"]["score"]
         results.append({
-            **check, "name": check_name(check), "dtype": spec.dtype, "score": measured,
-            "ok": measured >= check["min_score"], "seconds": record["meters"]["wall_s"],
-            "threads": record["meters"].get("torch_threads"),
+            **check, "name": check_name(check), "dtype": spec.dtype, "score": record.score,
+            "ok": record.score >= check["min_score"], "seconds": record.meters["wall_s"],
+            "threads": record.meters.get("torch_threads"),
         })
     return results
 

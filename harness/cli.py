@@ -8,16 +8,18 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from harness.backbones import DEFAULT_BACKBONE, DTYPES, REGISTRY, get_spec, resolve_dtype
+from harness.backbones import DEFAULT_BACKBONE, DTYPES, REGISTRY, resolve_dtype, spec_identity
 from harness.check import DEFAULT_CONFIG, run_checks, write_json
 from harness.compiled import MODES as COMPILE_MODES
 from harness.errors import HarnessError, unknown_name
-from harness.profiles import PROFILES, default_profile, get_profile
+from harness.profiles import PROFILES, default_profile, describe, get_profile
+from harness.ray_executor import RayOptions
 from harness.report import write_report
-from harness.runner import expand, needs_weights, run_grid
+from harness.runner import Identities, expand, needs_weights, run_grid
+from harness.settings import check_settings, merge_settings, parse_sets, read_config_file, settings_table
 from harness.store import ResultsStore, published
 from harness.tasks import load_cards
-from methods import registry
+from methods import get_method, registry
 
 log = logging.getLogger("harness")
 DEFAULT_RESULTS = "results"
@@ -35,9 +37,20 @@ def _seeds(value: str | None, profile) -> list[int]:
     if value is None:
         return list(profile.seeds)
     try:
-        return [int(s) for s in value.split(",")]
+        seeds = [int(s) for s in str(value).split(",")]
     except ValueError:
         raise HarnessError(f"--seeds takes integers separated by commas, not '{value}'") from None
+    bad = [s for s in seeds if not 0 <= s < 2**32]
+    if bad:
+        raise HarnessError(f"--seeds: a split seed is between 0 and 2**32 - 1, not {bad[0]}")
+    return seeds
+
+
+def _eval_cap(value) -> int | None:
+    """--eval-cap: 0 means every eval row; a negative cap is a mistake, not "all"."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise HarnessError(f"--eval-cap takes 0 (every eval row) or a positive number of rows, not {value!r}")
+    return value or None
 
 
 def report_path(args) -> Path:
@@ -49,29 +62,42 @@ def report_path(args) -> Path:
 
 
 def cmd_run(args) -> int:
-    profile = get_profile(args.profile or default_profile())
-    if args.eval_cap is not None:
-        profile = replace(profile, eval_cap=args.eval_cap or None)
+    # the command line wins over a --config file, which wins over the defaults; all is checked before anything loads
+    file = read_config_file(args.config) if args.config else {}
+
+    def pick(name: str, default=None):
+        given = getattr(args, name)
+        return given if given is not None else file.get(name, default)
+
+    profile = get_profile(pick("profile") or default_profile())
+    if pick("eval_cap") is not None:
+        profile = replace(profile, eval_cap=_eval_cap(pick("eval_cap")))
     cards = load_cards(args.tasks_dir)
-    methods = _names(args.methods, registry(), "method")
-    tasks = _names(args.datasets, cards, "task")
-    seeds = _seeds(args.seeds, profile)
+    methods = _names(str(pick("methods", "manual")), registry(), "method")
+    tasks = _names(str(args.datasets if args.datasets is not None else file.get("tasks", "all")), cards, "task")
+    seeds = _seeds(pick("seeds"), profile)
+    settings = merge_settings(file.get("settings") or {}, parse_sets(args.set or []))
+    check_settings(settings, methods, tasks, profile)
+    profile = replace(profile, method_overrides=settings)
     remote = None
     if args.service_url:
         for method in methods:  # refused before any connection is tried
             if not registry()[method].as_a_service:
                 raise HarnessError(needs_weights(method))
-        remote, backbone, dtype = _remote(args)
+        remote, backbone, dtype, identity = _remote(args, pick("backbone"), pick("dtype", "auto"))
     else:
-        backbone = args.backbone or DEFAULT_BACKBONE
-        get_spec(backbone)
-        dtype = resolve_dtype(args.dtype)
-    log.info("profile %s: %s", profile.name, profile.description)
+        backbone = pick("backbone") or DEFAULT_BACKBONE
+        identity = spec_identity(backbone)
+        dtype = resolve_dtype(pick("dtype", "auto"))
+    log.info("profile %s: %s", profile.name, describe(profile))
+    if settings:
+        log.info("settings: %s", "; ".join(f"{m}: {v}" for m, v in settings.items()))
     log.info("backbone %s (%s); methods %s; tasks %s; seeds %s", backbone, dtype, methods, tasks, seeds)
-    store = ResultsStore(args.results_dir)
-    specs = expand(methods, tasks, seeds, backbone, profile, dtype)
+    store = ResultsStore(args.results_dir, args.checkpoint_dir)
+    ids = Identities.of(cards, tasks, args.data_dir, identity)  # a missing data file fails here, before any load
+    specs = expand(methods, tasks, seeds, backbone, profile, dtype, ids)
     options = {"bucketing": args.bucketing, "layer_reuse": args.layer_reuse, "compile": args.compile}
-    summary = run_grid(specs, cards, profile, store, args.data_dir, options, remote)
+    summary = run_grid(specs, cards, profile, store, args.data_dir, options, remote, _ray_options(args))
     path = report_path(args)
     write_report(published(path, store), path)
     for line in summary.lines():
@@ -80,7 +106,20 @@ def cmd_run(args) -> int:
     return 1 if summary.failed else 0
 
 
-def _remote(args):
+def _ray_options(args) -> RayOptions | None:
+    given = [flag for flag, value in (("--ray-address", args.ray_address), ("--cpus-per-run", args.cpus_per_run),
+             ("--gpus-per-run", args.gpus_per_run), ("--actors", args.actors), ("--max-retries", args.max_retries))
+             if value is not None]
+    if args.executor != "ray":
+        if given:
+            raise HarnessError(f"{', '.join(given)} need(s) --executor ray")
+        return None
+    chosen = {k: v for k, v in (("address", args.ray_address), ("cpus_per_run", args.cpus_per_run),
+              ("gpus_per_run", args.gpus_per_run), ("actors", args.actors), ("max_retries", args.max_retries)) if v is not None}
+    return RayOptions(**chosen)
+
+
+def _remote(args, backbone: str | None, dtype: str):
     """The server named by --service-url: its backbone and dtype (from /v1/info) stand in for --backbone and
     --dtype, which may only repeat them; the server's own options replace this side's service switches."""
     from harness.client import read_key
@@ -90,14 +129,14 @@ def _remote(args):
     service = remote.connect()
     info = service.info
     service.close()
-    if args.backbone and args.backbone != info.name:
-        raise HarnessError(f"--backbone {args.backbone}, but the server at {args.service_url} serves {info.name}")
-    if args.dtype != "auto" and args.dtype != info.dtype:
-        raise HarnessError(f"--dtype {args.dtype}, but the server at {args.service_url} computes in {info.dtype}")
+    if backbone and backbone != info.name:
+        raise HarnessError(f"--backbone {backbone}, but the server at {args.service_url} serves {info.name}")
+    if dtype != "auto" and dtype != info.dtype:
+        raise HarnessError(f"--dtype {dtype}, but the server at {args.service_url} computes in {info.dtype}")
     if args.compile or not args.bucketing or not args.layer_reuse:
         raise HarnessError("--compile, --no-bucketing and --no-layer-reuse are the server's options: give them to `harness serve`")
     log.info("model service %s: %s (%s, %s) on %s", args.service_url, info.name, info.family, info.dtype, info.device)
-    return remote, info.name, info.dtype
+    return remote, info.name, info.dtype, info.identity
 
 
 def cmd_serve(args) -> int:
@@ -163,6 +202,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_list(args) -> int:
+    if args.method:
+        return _list_method(args.method)
     print("methods:")
     for name, cls in registry().items():
         print(f"  {name:16s} {cls.group}, as-a-service: {'yes' if cls.as_a_service else 'no'}")
@@ -175,7 +216,20 @@ def cmd_list(args) -> int:
         print(f"  {name:20s} {spec.family:8s} {spec.source}: {spec.model_id}{default}")
     print("profiles:")
     for name, profile in PROFILES.items():
-        print(f"  {name:16s} {profile.description}")
+        print(f"  {name:16s} {describe(profile)}")
+    return 0
+
+
+def _list_method(name: str) -> int:
+    """A method's settings: each with its default, the profiles' values where the method sets one, and its help."""
+    cls = get_method(name)
+    print(f"{name}: {cls.group}, as-a-service: {'yes' if cls.as_a_service else 'no'} ({cls.__module__})")
+    print(f"set with --set {name}.FIELD=VALUE, or in a --config file: settings: {{{name}: {{FIELD: VALUE}}}}\n")
+    rows = [{k: str(v) for k, v in row.items()} for row in settings_table(cls, list(PROFILES))]
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns[:-1]}  # help, last, is not padded
+    for row in [dict(zip(columns, columns)), *rows]:
+        print("  ".join(row[c].ljust(widths[c]) for c in columns[:-1]) + "  " + row[columns[-1]])
     return 0
 
 
@@ -191,8 +245,12 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--tasks-dir", action="append", help="extra folder of task cards (repeatable)")
 
     run = sub.add_parser("run", help="run methods x tasks x seeds on one backbone; finished runs are skipped")
-    run.add_argument("--methods", default="manual", help="comma-separated method names, or 'all'")
-    run.add_argument("--datasets", default="all", help="comma-separated task names, or 'all'")
+    run.add_argument("--methods", help="comma-separated method names, or 'all' (default: manual)")
+    run.add_argument("--datasets", help="comma-separated task names, or 'all' (default: all)")
+    run.add_argument("--set", action="append", metavar="METHOD.FIELD=VALUE",
+                     help="a method's setting, e.g. bbt.budget=2000 (repeatable; `harness list --method M` lists them)")
+    run.add_argument("--config", help="a YAML file of methods, tasks, seeds, profile, backbone, dtype, eval_cap and "
+                     "settings ({method: {field: value}}); the command line wins over it")
     run.add_argument("--seeds", help="comma-separated split seeds (default: the profile's)")
     run.add_argument("--backbone", help=f"a registered backbone (default {DEFAULT_BACKBONE}; with --service-url, the server's)")
     run.add_argument("--service-url", help="run the black-box methods against `harness serve` at this URL (no model here)")
@@ -200,7 +258,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", help="paper | quick (default: paper with a GPU, quick without)")
     run.add_argument("--eval-cap", type=int, help="score at most N eval rows per task, stratified (0: all)")
     run.add_argument("--data-dir", help="local task data laid out like shared/data (else HARNESS_DATA_DIR, else the hub)")
-    run.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+    run.add_argument("--dtype", choices=["auto", *DTYPES],
                      help="compute dtype (default auto: bfloat16 on a GPU or a CPU with native bf16, else float32)")
     run.add_argument("--no-bucketing", dest="bucketing", action="store_false",
                      help="prompted queries: one padded forward instead of forwards by similar length")
@@ -208,6 +266,15 @@ def parser() -> argparse.ArgumentParser:
                      help="BBTv2: compute every layer for every candidate instead of reusing the shared lower layers")
     run.add_argument("--compile", choices=COMPILE_MODES, metavar="MODE",
                      help=f"torch.compile the backbone's layers for service queries ({' | '.join(COMPILE_MODES)}; default: eager)")
+    run.add_argument("--executor", choices=["local", "ray"], default="local",
+                     help="local: one run at a time in this process (default); ray: runs on Ray actors, each holding a backbone")
+    run.add_argument("--ray-address", help="an existing Ray cluster: auto or HOST:PORT (default: a local Ray started here)")
+    run.add_argument("--cpus-per-run", type=float, help="CPUs (and torch threads) per Ray actor (default 1)")
+    run.add_argument("--gpus-per-run", type=float, help="GPUs per Ray actor; a fraction shares a GPU (default 0)")
+    run.add_argument("--actors", type=int, help="Ray actors (default: as many as the cluster's CPUs/GPUs allow)")
+    run.add_argument("--max-retries", type=int, help="retries of a run whose Ray actor died (default 2)")
+    run.add_argument("--checkpoint-dir", help="where long runs checkpoint (default: <results-dir>/checkpoints; with Ray "
+                     "on several machines, a folder every node reaches)")
     common(run)
     run.set_defaults(func=cmd_run)
 
@@ -282,6 +349,7 @@ def parser() -> argparse.ArgumentParser:
 
     listing = sub.add_parser("list", help="list methods, tasks, backbones and profiles")
     listing.add_argument("--tasks-dir", action="append")
+    listing.add_argument("--method", help="list this method's settings: default, profile values, help")
     listing.set_defaults(func=cmd_list)
     return top
 

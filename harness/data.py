@@ -107,6 +107,7 @@ class FewShotSplit:
     split_hash: str  # train + dev content
     eval_hash: str
     eval_full_size: int
+    eval_ids: list[int] = field(default_factory=list)  # each eval row's index in the task's eval split
 
     @property
     def eval_size(self) -> int:
@@ -147,8 +148,8 @@ def few_shot(card: TaskCard, rows: list[Example], k: int, seed: int) -> tuple[li
     return train, dev
 
 
-def eval_rows(card: TaskCard, rows: list[Example], cap: int | None, per_class_cap: int | None = None) -> list[Example]:
-    """The eval set: optionally capped per class (skewed local sets), then to `cap` rows, stratified.
+def eval_rows(card: TaskCard, rows: list[Example], cap: int | None, per_class_cap: int | None = None) -> list[int]:
+    """The eval set's row indices: optionally capped per class (skewed local sets), then to `cap` rows, stratified.
 
     Sampling uses a fixed seed (0), not the split seed, so every method and seed is scored on the same rows.
     """
@@ -160,12 +161,41 @@ def eval_rows(card: TaskCard, rows: list[Example], cap: int | None, per_class_ca
     if cap and len(chosen) > cap:
         total = len(chosen)
         quota = [round(cap * len(ix) / total) for ix in by_class]  # proportional: keeps the class balance
-        chosen = sorted(i for ix, q in zip(by_class, quota) for i in rng.permutation(ix)[:q])
-    return [rows[i] for i in chosen]
+        chosen = sorted(int(i) for ix, q in zip(by_class, quota) for i in rng.permutation(ix)[:q])
+    return [int(i) for i in chosen]
 
 
 def make_split(card: TaskCard, data: TaskData, k: int, seed: int, eval_cap: int | None) -> FewShotSplit:
     train, dev = few_shot(card, data.train, k, seed)
     per_class = card.local.get("eval_per_class_cap") if data.source.startswith("local:") else None
-    rows = eval_rows(card, data.eval, eval_cap, per_class)
-    return FewShotSplit(train, dev, rows, seed, content_hash(train + dev), content_hash(rows), len(data.eval))
+    ids = eval_rows(card, data.eval, eval_cap, per_class)
+    rows = [data.eval[i] for i in ids]
+    return FewShotSplit(train, dev, rows, seed, content_hash(train + dev), content_hash(rows), len(data.eval), ids)
+
+
+_FILE_HASHES: dict[tuple, str] = {}
+
+
+def _file_hash(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _FILE_HASHES[key] = digest.hexdigest()[:16]
+    return _FILE_HASHES[key]
+
+
+def data_identity(card: TaskCard, explicit_dir: str | None = None) -> str:
+    """What names a task's data without loading it: the local files' contents (not where they lie), or the hub
+    location the card names (the hub's revision is recorded with each run's data source)."""
+    folder = data_dir(explicit_dir)
+    if folder is not None and card.local:
+        files = {split: folder / card.local[split] for split in ("train", "eval")}
+        missing = [str(p) for p in files.values() if not p.exists()]
+        if missing:
+            raise HarnessError(f"task '{card.name}': {', '.join(missing)} not found under the data dir {folder}")
+        return "local:" + content_hash({split: _file_hash(p) for split, p in files.items()})
+    return "hub:" + content_hash({"hf": card.hf, "splits": [card.train_split, card.eval_split]})

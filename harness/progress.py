@@ -74,23 +74,24 @@ class GridProgress:
     """The grid's runs: a bar (or log prefix) with the runs done and an estimate of the time left, from the
     mean time of the runs finished so far (runs differ in cost, so it is a rough guide early on)."""
 
-    def __init__(self, runs: int):
-        self.runs, self.done, self.spent = runs, 0, 0.0
+    def __init__(self, runs: int, parallel: int = 1):
+        self.runs, self.done, self.spent, self.parallel = runs, 0, 0.0, parallel  # parallel: runs in flight at once
+        self.begun = 0
         self.bar = sys.stderr.isatty()
         self._tqdm = tqdm(total=runs, unit="run", desc="grid", position=0, dynamic_ncols=True) if self.bar else None
 
-    def start(self, label: str) -> RunProgress:
+    def start(self, label: str, where: str = "") -> RunProgress:
         left = ""
         if self.done:
-            left = f"; grid ~{duration(self.spent / self.done * (self.runs - self.done))} left"
-        log.info("[%d/%d] %s%s", self.done + 1, self.runs, label, left)
-        self._started = time.time()
-        return RunProgress(label, bar=self.bar)
+            left = f"; grid ~{duration(self.spent / self.done * (self.runs - self.done) / self.parallel)} left"
+        self.begun += 1
+        log.info("[%d/%d] %s%s%s", self.begun, self.runs, label, f" on {where}" if where else "", left)
+        return RunProgress(label, bar=self.bar and self.parallel == 1)  # runs elsewhere report no bar here
 
     def finish(self, run: RunProgress) -> None:
         run.close()
         self.done += 1
-        self.spent += time.time() - self._started
+        self.spent += time.time() - run.started
         if self._tqdm is not None:
             self._tqdm.update(1)
 

@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.record import RunRecord
+
 TASK_ORDER = ["sst2", "yelpp", "agnews", "dbpedia", "mrpc", "snli", "rte"]  # the papers' column order
 GROUP_ORDER = ["gradient-based", "gradient-free"]
-
-
-def _dtype(record: dict) -> str:
-    return record["spec"].get("dtype", "float32")  # records from before dtype joined the spec ran in float32
 
 
 def _device(meters: dict) -> str:
@@ -29,51 +27,54 @@ def _device(meters: dict) -> str:
     return device
 
 
-def load_frame(records: list[dict]) -> pd.DataFrame:
+def load_frame(records: list[RunRecord]) -> pd.DataFrame:
     """One row per finished run (the latest record of each run id)."""
-    ok = {r["run_id"]: r for r in records if r.get("status") == "ok"}
+    ok = {r.run_id: r for r in records if r.ok}
     rows = []
     for r in ok.values():
-        queries = r.get("queries") or {}
+        queries = r.queries or {}
         phase = queries.get("train") if queries.get("train", {}).get("queries") else queries.get("eval", {})
+        meters = r.meters
         rows.append(
             {
-                "method": r["method"],
-                "task": r["task"],
-                "seed": r["seed"],
-                "backbone": r["backbone"],
-                "dtype": _dtype(r),
-                "profile": r["profile"],
-                "group": r["group"],
-                "score": r["metrics"]["score"],
-                "metric": r["metric"],
-                "tunable": r["tunable_parameters"],
-                "as_a_service": r["as_a_service"],
-                "deployment_efficient": r["deployment_efficient"],
-                "fit_s": r["meters"].get("fit_s"),
-                "wall_s": r["meters"]["wall_s"],
-                "device": _device(r["meters"]),
-                "server_gpu_mb": r["meters"].get("server_gpu_peak_mb"),
-                "cpu_rss_mb": r["meters"].get("cpu_rss_peak_mb"),
-                "user_mb": r["meters"].get("user_heap_peak_mb", 0) + r["meters"].get("user_tensor_mb", 0),
+                "method": r.method,
+                "task": r.task,
+                "seed": r.seed,
+                "backbone": r.backbone,
+                "dtype": r.dtype,
+                "profile": r.profile,
+                "group": r.group,
+                "score": r.score,
+                "metric": r.metric,
+                "tunable": r.tunable_parameters,
+                "as_a_service": r.as_a_service,
+                "deployment_efficient": r.deployment_efficient,
+                "fit_s": meters.get("fit_s"),
+                "wall_s": meters["wall_s"],
+                "device": _device(meters),
+                "server_gpu_mb": meters.get("server_gpu_peak_mb"),
+                "cpu_rss_mb": meters.get("cpu_rss_peak_mb"),
+                "user_mb": meters.get("user_heap_peak_mb", 0) + meters.get("user_tensor_mb", 0),
                 "upload_b": (phase or {}).get("upload_per_query_bytes"),
                 "download_b": (phase or {}).get("download_per_query_bytes"),
                 # measured where the run went over HTTP (harness run --service-url): absent for in-process runs
-                "transport": (r.get("service") or {}).get("transport", "in-process"),
+                "transport": (r.service or {}).get("transport", "in-process"),
                 "wire_up_b": (phase or {}).get("wire_up_per_query_bytes"),
                 "wire_down_b": (phase or {}).get("wire_down_per_query_bytes"),
                 "latency_s": (phase or {}).get("latency_per_query_s"),
                 "server_s": (phase or {}).get("server_per_query_s"),
-                "client_rss_mb": r["meters"].get("client_rss_peak_mb"),
-                "server_rss_mb": r["meters"].get("server_peak_rss_mb"),
-                "eval_size": r["split"]["eval_size"],
-                "eval_full_size": r["split"]["eval_full_size"],
-                "caveats": r["split"]["caveats"],
-                "versions": r["versions"],
-                "trained": (r.get("trace") or {}).get("trained") if r["group"] == "gradient-based" else None,
-                "calls": (r.get("trace") or {}).get("calls") if r["method"] in BLACK_BOX_SEARCH else None,
+                "client_rss_mb": meters.get("client_rss_peak_mb"),
+                "server_rss_mb": meters.get("server_peak_rss_mb"),
+                "eval_size": r.split["eval_size"],
+                "eval_full_size": r.split["eval_full_size"],
+                "caveats": r.split["caveats"],
+                "versions": r.versions,
+                "trained": (r.trace or {}).get("trained") if r.group == "gradient-based" else None,
+                # a search by API calls (BBT, BBTv2) says how many it spent
+                "calls": (r.trace or {}).get("calls"),
                 # the calls at which an interrupted attempt's checkpoint was taken up again ("" if it never was)
-                "resumed_at": ", ".join(str(c) for c in r["meters"].get("resumed_at_calls") or []),
+                "resumed_at": ", ".join(str(c) for c in meters.get("resumed_at_calls") or []),
+                "legacy": r.legacy,
             }
         )
     return pd.DataFrame(rows)
@@ -103,8 +104,9 @@ def _task_cells(runs: pd.DataFrame, tasks: list[str], headers: list[str]) -> dic
     for task, header in zip(tasks, headers):
         part = runs[runs["task"] == task]
         scores = part["score"]
-        resumed = "resumed_at" in part and bool((part["resumed_at"] != "").any())
-        row[header] = (_cell(scores) + RESUMED * resumed) if len(scores) else "–"
+        resumed = bool((part["resumed_at"] != "").any())
+        legacy = bool(part["legacy"].any())
+        row[header] = (_cell(scores) + RESUMED * resumed + LEGACY * legacy) if len(scores) else "–"
         if len(scores):
             means.append(scores.mean())
     partial = "" if len(means) == len(tasks) else f" ({len(means)} task{'s' * (len(means) > 1)})"
@@ -113,6 +115,7 @@ def _task_cells(runs: pd.DataFrame, tasks: list[str], headers: list[str]) -> dic
 
 
 RESUMED = " ‡"  # a cell with a run that was interrupted and resumed from its checkpoint
+LEGACY = " §"  # a cell with a schema-1 record, whose identity does not cover the task card, data or backbone
 
 
 def _markdown(rows: list[dict]) -> str:
@@ -258,6 +261,11 @@ def provenance(frame: pd.DataFrame) -> str:
     if len(resumed):
         runs = "; ".join(f"{r.method}/{r.task}/seed{r.seed} at {r.resumed_at} calls" for r in resumed.itertuples())
         lines.append(f"- resumed runs (‡): interrupted, then resumed from a mid-run checkpoint: {runs}")
+    legacy = frame[frame["legacy"]]
+    if len(legacy):
+        lines.append(f"- legacy records (§): {len(legacy)} of {len(frame)} runs were recorded before a run's identity covered "
+                     "the task card, the data files and the backbone's weights (record schema 1), and without per-example "
+                     "predictions; a rerun records them anew")
     lines.append("- data caveats († = scored on a subset of the eval split):" if caveats else "- data caveats: none")
     return "\n".join(lines + caveats)
 
@@ -270,12 +278,10 @@ def part_trained(frame: pd.DataFrame) -> dict[str, str]:
     return {m: "; ".join(sorted(set(part["trained"]))) for m, part in known.groupby("method", sort=False)}
 
 
-BLACK_BOX_SEARCH = ("bbt", "bbtv2")
-
-
 def versatility_table(frame: pd.DataFrame) -> str | None:
-    """BBT and BBTv2 on every backbone run (the BBTv2 paper's versatility table): backbone x method rows."""
-    part = frame[frame["method"].isin(BLACK_BOX_SEARCH)]
+    """The searches by API call (BBT, BBTv2) on every backbone run (the BBTv2 paper's versatility table): backbone x
+    method rows."""
+    part = frame[frame["calls"].notna()]
     if part.empty:
         return None
     tasks = _ordered_tasks(part["task"])
@@ -316,7 +322,7 @@ def side_by_side(frame: pd.DataFrame) -> str:
     return header + "\n\n" + _markdown(rows)
 
 
-def render(records: list[dict]) -> str:
+def render(records: list[RunRecord]) -> str:
     frame = load_frame(records)
     if frame.empty:
         return "# Results\n\nNo finished runs yet.\n"
@@ -346,7 +352,7 @@ def _calls_label(x: float, _pos=None) -> str:
     return f"{x / 1000:g}k" if x >= 1000 else f"{x:g}"
 
 
-def convergence_figures(records: list[dict], folder: Path) -> list[Path]:
+def convergence_figures(records: list[RunRecord], folder: Path) -> list[Path]:
     """PNG per backbone and task: BBT and BBTv2's best train loss and dev metric by API call, one line per seed."""
     import matplotlib
 
@@ -354,19 +360,19 @@ def convergence_figures(records: list[dict], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    traced = [r for r in records if r.get("status") == "ok" and (r.get("trace") or {}).get("train")]
-    traced = [r for r in traced if "best_loss" in r["trace"]["train"][0]]
-    groups: dict[tuple[str, str], list[dict]] = {}
+    traced = [r for r in records if r.ok and (r.trace or {}).get("train")]
+    traced = [r for r in traced if "best_loss" in r.trace["train"][0]]
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
     for r in traced:
-        groups.setdefault((r["backbone"], r["task"]), []).append(r)
+        groups.setdefault((r.backbone, r.task), []).append(r)
     paths = []
     for (backbone, task), runs in sorted(groups.items()):
         legend_height = 0.22 * ((len(runs) + 1) // 2)  # one legend below both axes: inside, it hid the dev lines
         height = 3.6 + legend_height
         figure, (loss_ax, dev_ax) = plt.subplots(1, 2, figsize=(10, height))
-        for r in sorted(runs, key=lambda r: (r["method"], r["seed"], r["profile"], _dtype(r))):
-            label = f"{r['method']} seed {r['seed']}, {r['profile']}, {_dtype(r)}, {_device(r['meters'])}"
-            train, dev = r["trace"]["train"], r["trace"]["dev"]
+        for r in sorted(runs, key=lambda r: (r.method, r.seed, r.profile, r.dtype)):
+            label = f"{r.method} seed {r.seed}, {r.profile}, {r.dtype}, {_device(r.meters)}"
+            train, dev = r.trace["train"], r.trace["dev"]
             loss_ax.plot([t["calls"] for t in train], [t["best_loss"] for t in train], label=label)
             dev_ax.plot([d["calls"] for d in dev], [d["metric"] for d in dev], marker="o", markersize=3, label=label)
         for ax in (loss_ax, dev_ax):
@@ -374,8 +380,8 @@ def convergence_figures(records: list[dict], folder: Path) -> list[Path]:
             ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))  # 20, 50, 100, ...: labelled on any span
             ax.xaxis.set_major_formatter(ticker.FuncFormatter(_calls_label))
             ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # matplotlib's minor labels overlap on short spans
-        loss_ax.set(xlabel="API calls", ylabel=f"best train loss ({runs[0]['trace'].get('loss', '')})", title=f"{task}: train")
-        dev_ax.set(xlabel="API calls", ylabel=f"dev {runs[0]['metric']}", title=f"{task}: dev checks")
+        loss_ax.set(xlabel="API calls", ylabel=f"best train loss ({runs[0].trace.get('loss', '')})", title=f"{task}: train")
+        dev_ax.set(xlabel="API calls", ylabel=f"dev {runs[0].metric}", title=f"{task}: dev checks")
         figure.legend(*dev_ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
         figure.suptitle(f"{backbone}: black-box prompt search by API call")
         figure.tight_layout(rect=(0, (legend_height + 0.1) / height, 1, 1))
@@ -386,7 +392,7 @@ def convergence_figures(records: list[dict], folder: Path) -> list[Path]:
     return paths
 
 
-def write_report(records: list[dict], out: str | Path) -> Path:
+def write_report(records: list[RunRecord], out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = render(records)

@@ -17,19 +17,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.backbones import Backbone, load_backbone
+from harness.backbones import Backbone, backbone_key, load_backbone
 from harness.checkpoint import Checkpoint
-from harness.data import FewShotSplit, TaskData, load_task_data, make_split
+from harness.data import FewShotSplit, TaskData, data_identity, load_task_data, make_split
 from harness.errors import HarnessError
 from harness.meters import measure
 from harness.metrics import score
 from harness.profiles import Profile
 from harness.progress import GridProgress, RunProgress, duration
 from harness.prompts import PromptFormat
+from harness.ray_executor import RayOptions
+from harness.record import Predictions, RunRecord, RunSpec
 from harness.scoring import mask_string
 from harness.service import ModelService
-from harness.store import ResultsStore, RunSpec
-from harness.tasks import TaskCard
+from harness.settings import method_config
+from harness.store import ResultsStore
+from harness.tasks import TaskCard, card_identity
 from methods import get_method, registry
 from methods.base import RunContext
 
@@ -47,26 +50,40 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def method_config(method: str, profile: Profile, overrides: dict | None = None, task: str | None = None):
-    cls = get_method(method).config_class
-    values = {**profile.overrides_for(method, task), **(overrides or {})}
-    unknown = set(values) - set(cls.__dataclass_fields__)
-    if unknown:
-        raise HarnessError(f"method '{method}' has no setting(s) {sorted(unknown)}; it has {sorted(cls.__dataclass_fields__)}")
-    return cls(**values)
+@dataclass(frozen=True)
+class Identities:
+    """What names a grid's inputs beyond their names, so that an edited card, other data or other weights make new
+    runs: per task the card's and the data's identity, and the backbone's (see RunSpec)."""
+
+    cards: dict = field(default_factory=dict)  # task -> harness.tasks.card_identity
+    data: dict = field(default_factory=dict)  # task -> harness.data.data_identity
+    backbone: str = ""  # harness.backbones.backbone_key
+
+    @classmethod
+    def of(cls, cards: dict[str, TaskCard], tasks: list[str], data_dir: str | None, backbone_identity: dict) -> Identities:
+        return cls(
+            {t: card_identity(cards[t]) for t in tasks},
+            {t: data_identity(cards[t], data_dir) for t in tasks},
+            backbone_key(backbone_identity),
+        )
 
 
 def expand(
-    methods: list[str], tasks: list[str], seeds: list[int], backbone: str, profile: Profile, dtype: str = "float32"
+    methods: list[str], tasks: list[str], seeds: list[int], backbone: str, profile: Profile, dtype: str = "float32",
+    ids: Identities | None = None,
 ) -> list[RunSpec]:
+    ids = ids or Identities()
     specs = []
     for method in methods:
         # a method that uses no training data gives the same result for every split: run it once
         method_seeds = seeds if get_method(method).uses_train else seeds[:1]
         for task in tasks:
-            config = asdict(method_config(method, profile, task=task))  # in the spec, so in the run's id
+            config = asdict(method_config(method, profile, task))  # in the spec, so in the run's id
             for seed in method_seeds:
-                specs.append(RunSpec(method, task, seed, backbone, profile.k_shot, profile.eval_cap, config, dtype))
+                specs.append(RunSpec(
+                    method, task, seed, backbone, profile.k_shot, profile.eval_cap, config, dtype,
+                    ids.cards.get(task, ""), ids.data.get(task, ""), ids.backbone,
+                ))
     return specs
 
 
@@ -90,7 +107,7 @@ def run_one(
     spec: RunSpec, card: TaskCard, data: TaskData, split: FewShotSplit, backbone: Backbone | None, profile: Profile,
     checkpoint_path: Path | None = None, progress: RunProgress | None = None, service_options: dict | None = None,
     remote: Remote | None = None,
-) -> dict:
+) -> RunRecord:
     """One run. Black-box methods query the backbone in process, or, with `remote`, the server at its URL (then
     `backbone` is None: this process never holds the model, and its own memory is the user side's)."""
     cls = get_method(spec.method)
@@ -136,23 +153,19 @@ def run_one(
         meters["fit_s"] += checkpoint.earlier_s
         meters["resumed_at_calls"] = checkpoint.resumed_at
     gold = np.array([e["label"] for e in split.eval])
-    return {
-        "run_id": spec.run_id,
-        "status": "ok",
-        "spec": asdict(spec),
-        "method": spec.method,
-        "task": spec.task,
-        "seed": spec.seed,
-        "backbone": spec.backbone,
-        "profile": profile.name,
-        "config_hash": spec.config_hash,
-        "group": cls.group,
-        "as_a_service": cls.as_a_service,
-        "deployment_efficient": cls.deployment_efficient,
-        "tunable_parameters": method.tunable_parameters(),
-        "metric": card.metric,
-        "metrics": score(card, gold, preds),
-        "split": {
+    return RunRecord(
+        run_id=spec.run_id,
+        status="ok",
+        spec=spec,
+        started=started,
+        profile=profile.name,
+        group=cls.group,
+        as_a_service=cls.as_a_service,
+        deployment_efficient=cls.deployment_efficient,
+        tunable_parameters=method.tunable_parameters(),
+        metric=card.metric,
+        metrics=score(card, gold, preds),
+        split={
             "seed": split.seed,
             "k_shot": spec.k_shot,
             "train_size": len(split.train),
@@ -164,15 +177,15 @@ def run_one(
             "data_source": data.source,
             "caveats": {**data.caveats, **_cap_caveat(split)},
         },
-        "meters": meters,
-        "queries": service.meter.summary() if service else None,
-        "service_options": dict(service_options or {}) if service and remote is None else None,
-        "service": service.description() if service else None,
-        "backbone_identity": service.info.identity if service else backbone.identity,
-        "versions": package_versions(),
-        "started": started,
-        "trace": method.trace(),
-    }
+        meters=meters,
+        queries=service.meter.summary() if service else None,
+        service_options=dict(service_options or {}) if service and remote is None else None,
+        service=service.description() if service else None,
+        backbone_identity=service.info.identity if service else backbone.identity,
+        versions=package_versions(),
+        trace=method.trace(),
+        predictions=Predictions.of(split.eval_ids, preds),
+    )
 
 
 @dataclass(frozen=True)
@@ -200,6 +213,13 @@ def _cap_caveat(split: FewShotSplit) -> dict:
     return {}
 
 
+def wanted_backbone(spec: RunSpec) -> tuple[str, str]:
+    """The backbone a run needs loaded, and in which dtype: black-box methods are served in the run's dtype;
+    gradient methods keep float32 weights and compute in the run's dtype under autocast (half-precision weights
+    would swallow small optimizer updates)."""
+    return spec.backbone, spec.dtype if get_method(spec.method).as_a_service else "float32"
+
+
 def run_grid(
     specs: list[RunSpec],
     cards: dict[str, TaskCard],
@@ -208,11 +228,13 @@ def run_grid(
     data_dir: str | None = None,
     service_options: dict | None = None,
     remote: Remote | None = None,
+    ray: RayOptions | None = None,
 ) -> GridSummary:
     """Runs the specs not yet finished in `store`. `service_options` switch the service's speed-ups
     (ModelService's bucketing, layer_reuse, compile); they change time, not results, so they are not part of a
     spec (each record keeps them). With `remote`, black-box methods query that server and no backbone is loaded
-    here; a gradient method is refused before anything runs."""
+    here; a gradient method is refused before anything runs. With `ray`, the runs go to Ray actors
+    (harness/ray_executor.py) and come back as records this process writes, as it does its own."""
     if remote is not None:
         for spec in specs:
             if not get_method(spec.method).as_a_service:
@@ -228,14 +250,30 @@ def run_grid(
     log.info("%d run(s) to do, %d already finished", len(pending), len(summary.skipped))
     if not pending:
         return summary
+
+    def done(spec: RunSpec, record: RunRecord) -> None:
+        store.append(record)
+        store.checkpoint_path(spec.run_id).unlink(missing_ok=True)  # the record holds all that is kept
+        summary.ran.append(spec.label())
+        summary.scores.append((spec.label(), record.metric, record.score, record.meters["wall_s"]))
+        log.info("    %s = %.2f  (%s)", record.metric, record.score, duration(record.meters["wall_s"]))
+
+    def failed(spec: RunSpec, error: str, record: RunRecord) -> None:
+        log.error("%s failed: %s", spec.label(), error)
+        store.append(record)
+        summary.failed.append((spec.label(), error))
+
     # load every task's data first: a missing data dir fails before any compute is spent
     data = {task: load_task_data(cards[task], data_dir) for task in sorted({s.task for s in pending})}
+    if ray is not None:
+        from harness.ray_executor import run_on_ray
+
+        run_on_ray(pending, cards, profile, store, data_dir, service_options, remote, ray, done, failed)
+        return summary
     backbone, loaded = None, None
     progress = GridProgress(len(pending))
     for spec in pending:
-        # black-box methods are served in the run's dtype; gradient methods keep float32 weights and compute in
-        # it under autocast (half-precision weights would swallow small optimizer updates)
-        wanted = (spec.backbone, spec.dtype if get_method(spec.method).as_a_service else "float32")
+        wanted = wanted_backbone(spec)
         if remote is None and wanted != loaded:
             backbone, loaded = None, None  # let the previous copy go before the next loads
             backbone, loaded = load_backbone(spec.backbone, dtype=wanted[1]), wanted
@@ -251,17 +289,9 @@ def run_grid(
             raise  # a configuration error would fail every run alike: stop and say so
         except Exception as exc:
             progress.finish(run)
-            log.error("%s failed: %s", spec.label(), exc)
-            store.append({"run_id": spec.run_id, "status": "failed", "spec": asdict(spec), "error": traceback.format_exc()})
-            summary.failed.append((spec.label(), f"{type(exc).__name__}: {exc}"))
+            failed(spec, f"{type(exc).__name__}: {exc}", RunRecord.failed(spec, traceback.format_exc(), time.time()))
             continue
         progress.finish(run)
-        store.append(record)
-        store.checkpoint_path(spec.run_id).unlink(missing_ok=True)  # the record holds all that is kept
-        summary.ran.append(spec.label())
-        summary.scores.append((spec.label(), record["metric"], record["metrics"]["score"], record["meters"]["wall_s"]))
-        log.info(
-            "    %s = %.2f  (%s)", record["metric"], record["metrics"]["score"], duration(record["meters"]["wall_s"])
-        )
+        done(spec, record)
     progress.close()
     return summary

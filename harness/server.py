@@ -202,8 +202,8 @@ class ModelServer:
             p = spec.projection
             if not 1 <= p.dim <= limits.max_dim:
                 raise ProtocolError(f"intrinsic dimension {p.dim}: 1 to {limits.max_dim}", 422, "invalid_prompt")
-            if not all(np.isfinite(s) and s > 0 for s in p.stds):
-                raise ProtocolError("projection stds must be finite and positive", 422, "invalid_prompt")
+            if not all(np.isfinite(s) and s >= 0 for s in p.stds):  # 0: a zero projection (every z gives p0)
+                raise ProtocolError("projection stds must be finite and not negative", 422, "invalid_prompt")
             if p.dist not in ("normal", "uniform"):
                 raise ProtocolError(f"projection dist must be 'normal' or 'uniform', not '{p.dist}'", 422, "invalid_prompt")
             values = spec.slots * p.dim * spec.n_tokens * self.hidden_size

@@ -10,56 +10,29 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
-from hashlib import sha256
 from pathlib import Path
 
-
-def stable_hash(payload) -> str:
-    return sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """Everything that determines a run's result; its hash is the run's id."""
-
-    method: str
-    task: str
-    seed: int
-    backbone: str
-    k_shot: int
-    eval_cap: int | None
-    config: dict = field(hash=False)
-    dtype: str = "float32"  # the forward's compute dtype (bf16 on a GPU by default)
-
-    @property
-    def config_hash(self) -> str:
-        return stable_hash(self.config)
-
-    @property
-    def run_id(self) -> str:
-        return stable_hash(asdict(self))
-
-    def label(self) -> str:
-        return f"{self.method}/{self.task}/seed{self.seed}/{self.backbone}"
+from harness.record import RunRecord, RunSpec  # noqa: F401  (RunSpec: the store's key, imported from here too)
 
 
 class ResultsStore:
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, checkpoints: str | Path | None = None):
         self.folder = Path(folder)
         self.path = self.folder / "results.jsonl"
+        self.checkpoints = Path(checkpoints) if checkpoints else self.folder / "checkpoints"
 
     def checkpoint_path(self, run_id: str) -> Path:
-        """Where a long run keeps its mid-run state (harness/checkpoint.py) until its record is written."""
-        return self.folder / "checkpoints" / f"{run_id}.pkl"
+        """Where a long run keeps its mid-run state (harness/checkpoint.py) until its record is written (a folder
+        every Ray worker can reach, with --checkpoint-dir)."""
+        return self.checkpoints / f"{run_id}.pkl"
 
-    def records(self) -> list[dict]:
+    def records(self) -> list[RunRecord]:
         return read_records(self.path)
 
     def finished_ids(self) -> set[str]:
-        return {r["run_id"] for r in self.records() if r.get("status") == "ok"}
+        return {r.run_id for r in self.records() if r.ok}
 
-    def append(self, record: dict) -> None:
+    def append(self, record: RunRecord) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+b") as handle:
             handle.seek(0, os.SEEK_END)
@@ -67,24 +40,25 @@ class ResultsStore:
                 handle.seek(-1, os.SEEK_END)
                 if handle.read(1) != b"\n":  # a record cut short by a kill: end it so this one stays whole
                     handle.write(b"\n")
-            handle.write((json.dumps(record, sort_keys=True) + "\n").encode())
+            handle.write((json.dumps(record.to_json(), sort_keys=True) + "\n").encode())
             handle.flush()
             os.fsync(handle.fileno())
 
 
-def read_records(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[RunRecord]:
     if not path.exists():
         return []
     out = []
     for line in path.read_text().splitlines():
         try:
-            out.append(json.loads(line))
+            raw = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a kill mid-write: that run is simply redone
+        out.append(RunRecord.from_json(raw))
     return out
 
 
-def published(report: str | Path, store: ResultsStore) -> list[dict]:
+def published(report: str | Path, store: ResultsStore) -> list[RunRecord]:
     """The records a report is made from: those already behind it, in its .jsonl twin (reports/results.jsonl is
     committed beside reports/results.md), updated by the store's finished runs (of two records of a run id, the one
     started last wins); the twin is rewritten with them. So a fresh checkout regenerates the committed tables, and a run
@@ -92,15 +66,15 @@ def published(report: str | Path, store: ResultsStore) -> list[dict]:
     twin = Path(report).with_suffix(".jsonl")
     if twin.resolve() == store.path.resolve():  # a side store's report sits beside it: the store is its twin
         return store.records()
-    latest: dict[str, dict] = {}
+    latest: dict[str, RunRecord] = {}
     for r in read_records(twin) + store.records():  # a store's record wins a tie: it may be a rerun of the same moment
-        kept = latest.get(r["run_id"])
-        if r.get("status") == "ok" and (kept is None or r.get("started", 0) >= kept.get("started", 0)):
-            latest[r["run_id"]] = r
+        kept = latest.get(r.run_id)
+        if r.ok and (kept is None or r.started >= kept.started):
+            latest[r.run_id] = r
     records = [latest[run_id] for run_id in sorted(latest)]
     if records:
         twin.parent.mkdir(parents=True, exist_ok=True)
         partial = twin.with_suffix(".jsonl.partial")  # written whole, then swapped in: a kill leaves the old twin
-        partial.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        partial.write_text("".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in records))
         partial.replace(twin)
     return records

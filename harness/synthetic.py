@@ -217,3 +217,13 @@ def tiny_backbone(kind: str, layers: int = 2):
     model.eval()
     identity = {"source": "test", "model_type": model.config.model_type, "name": f"tiny-{kind}"}
     return Backbone(name=f"tiny-{kind}", family=family, model=model, tokenizer=tokenizer, identity=identity)
+
+
+def load_tiny(name: str, dtype: str = "float32"):
+    """`load_backbone`'s stand-in for the tiny models (named tiny-<kind>): for tests that load a backbone in
+    another process (a Ray actor, a server), where a monkeypatch does not reach."""
+    import torch
+
+    backbone = tiny_backbone(name.removeprefix("tiny-"))
+    backbone.model.to(getattr(torch, dtype))
+    return backbone

@@ -1,12 +1,20 @@
-"""Task cards: small declarative YAML files in `datasets/` (or any folder given with --tasks-dir).
+"""Task cards: small declarative YAML files in `datasets/`, in any folder given with --tasks-dir (or
+HARNESS_TASKS_DIR), or in an installed package's folder declared in the `bbt_harness.tasks` entry-point group
+(its value a module, whose folder holds the cards, or a callable returning the folder).
 
 Adding a task needs only a new card; this module validates cards so a malformed one fails with a clear error.
+A card's identity (`card_identity`) hashes everything in it that can change a result, so an edited card makes
+its runs new runs.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from hashlib import sha256
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import yaml
@@ -15,6 +23,7 @@ from harness.backbones import FAMILIES
 from harness.errors import HarnessError, unknown_name
 
 CARDS_DIR = Path(__file__).resolve().parent.parent / "datasets"
+ENTRY_POINT_GROUP = "bbt_harness.tasks"
 METRICS = ("accuracy", "f1")
 
 
@@ -94,12 +103,35 @@ def _parse(path: Path) -> TaskCard:
     return TaskCard(**values)
 
 
+def card_identity(card: TaskCard) -> str:
+    """A hash of everything in the card that can change a result: fields, labels, templates and label words, the
+    loss, max_chars, replacements, dropped labels, the data's location and splits (not its description or path)."""
+    content = {k: v for k, v in asdict(card).items() if k not in ("description", "path")}
+    return sha256(json.dumps(content, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def _entry_point_dirs() -> list[Path]:
+    dirs = []
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = entry.load()
+            folder = Path(loaded.__file__).parent if inspect.ismodule(loaded) else Path(loaded())
+        except Exception as exc:
+            raise HarnessError(f"the '{entry.name}' task-card entry point ({entry.value}) failed to give a folder: {exc}") from exc
+        if not folder.is_dir():
+            raise HarnessError(f"the '{entry.name}' task-card entry point ({entry.value}) names {folder}, not a folder")
+        dirs.append(folder)
+    return dirs
+
+
 def card_dirs(extra: list[str] | None = None) -> list[Path]:
+    """Where cards are read from, the first winning a name clash: --tasks-dir, HARNESS_TASKS_DIR, packages' entry
+    points, then this project's datasets/."""
     dirs = [Path(d) for d in (extra or [])]
     env = os.environ.get("HARNESS_TASKS_DIR")
     if env:
         dirs += [Path(d) for d in env.split(os.pathsep)]
-    return dirs + [CARDS_DIR]
+    return dirs + _entry_point_dirs() + [CARDS_DIR]
 
 
 def load_cards(extra_dirs: list[str] | None = None) -> dict[str, TaskCard]:

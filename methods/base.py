@@ -7,7 +7,7 @@ receive `ctx.backbone` and own the model. Each declares its cost-table flags.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import ClassVar
 
 import numpy as np
@@ -33,9 +33,39 @@ class RunContext:
     progress: RunProgress = field(default_factory=RunProgress)  # a method with a loop reports its progress here
 
 
+def setting(default, help: str):
+    """A config field with its one-line help (shown by `harness list --method NAME`)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class MethodConfig:
-    """Hyper-parameters; each method subclasses this. Profiles override fields by name."""
+    """Hyper-parameters; each method subclasses this with `setting(default, help)` fields.
+
+    A method's values for a profile live here, with the method, not in a central table: `profiles` maps a profile
+    name to {field: value} (quick's smaller budgets), `task_profiles` a profile name to {task: {field: value}}
+    (the paper's 20,000 calls on dbpedia). A user's settings (`--set`, `--config`) win over both."""
+
+    profiles: ClassVar[dict] = {}
+    task_profiles: ClassVar[dict] = {}
+
+    @classmethod
+    def for_profile(cls, profile: str, task: str | None = None) -> dict:
+        """This method's own values for a profile (and task): the profile's method-wide values win over its
+        per-task ones, so a profile's caps (quick's budgets) hold on every task."""
+        per_task = cls.task_profiles.get(profile, {}).get(task, {}) if task else {}
+        return {**per_task, **cls.profiles.get(profile, {})}
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, object, str]]:
+        """(name, default, help) for every setting."""
+        out = []
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            helps = (getattr(c, "__dataclass_fields__", {}).get(f.name) for c in cls.__mro__)
+            help = next((h.metadata["help"] for h in helps if h is not None and "help" in h.metadata), "")
+            out.append((f.name, default, help))
+        return out
 
 
 class Method:
@@ -45,6 +75,14 @@ class Method:
     as_a_service: ClassVar[bool]  # reaches the backbone only through the service
     deployment_efficient: ClassVar[bool]  # one shared backbone serves every task
     uses_train: ClassVar[bool] = True  # False: no training data, so the result does not depend on the split seed
+    rank: ClassVar[int] = 1000  # row order in reports (the papers' order for the built-in methods; plug-ins after)
+    # a derivative-free search over API calls: its trace's `calls` and dev curve go into the convergence figures
+    searches_by_calls: ClassVar[bool] = False
+
+    @classmethod
+    def check_config(cls, config: MethodConfig) -> None:
+        """Raise HarnessError for a value the method cannot run with. Called before any backbone loads (and again
+        when the method is built); a method with constraints beyond the fields' types extends it."""
 
     def __init__(self, config: MethodConfig, ctx: RunContext):
         self.config = config

@@ -20,7 +20,7 @@ from harness.errors import HarnessError
 from harness.metrics import score
 from harness.prompting import ProjectionSpec, PromptSpec, draw_projections, project, projection_std
 from methods import register
-from methods.base import Method, MethodConfig
+from methods.base import Method, MethodConfig, setting
 
 LOSSES = ("auto", "ce", "hinge", "neg-metric")
 ACCEPT = ("xbest", "generation-best", "global-best")
@@ -44,22 +44,26 @@ def hinge(logits: np.ndarray, labels: np.ndarray, margin: float = 2.0) -> float:
 
 @dataclass
 class BBTConfig(MethodConfig):
-    n_tokens: int = 50
-    intrinsic_dim: int = 500
-    popsize: int = 20
-    sigma: float = 1.0
-    alpha: float = 1.0  # projection std = alpha * sigma_hat / (sqrt(d) * sigma)
-    budget: int = 8000  # API calls: one candidate scored on the train set
-    bound: float = 0.0  # 0: unbounded (the latest reference code); e.g. 5 for the paper era's [-5, 5]
-    loss: str = "auto"  # auto: the task card's (ce, or hinge for pair tasks) | ce | hinge | neg-metric
-    margin: float = 2.0
-    mode: str = "add"  # add (into placeholder-token embeddings) | cat
-    dist: str = "normal"  # projection init: normal | uniform
-    send: str = "z"  # what travels per query: z (the server applies A) | prompt (the vectors)
-    eval_every: int = 100  # dev check period, in API calls
-    rounds: int = 0  # BBTv2 only: if set, spend rounds x popsize x layers calls instead of `budget`
-    batched: bool = True  # one forward per generation (population batching) vs one per candidate
-    eval_batch_size: int = 32
+    n_tokens: int = setting(50, "prompt tokens (per layer for BBTv2)")
+    intrinsic_dim: int = setting(500, "d: the dimension CMA-ES searches (z in R^d)")
+    popsize: int = setting(20, "CMA-ES population: candidates, hence API calls, per generation")
+    sigma: float = setting(1.0, "CMA-ES's initial step size")
+    alpha: float = setting(1.0, "projection std = alpha * sigma_hat / (sqrt(d) * sigma)")
+    budget: int = setting(8000, "API calls, each one candidate scored on the train set")
+    bound: float = setting(0.0, "box bound on z: 0 unbounded (the latest reference code), 5 for the paper era's [-5, 5]")
+    loss: str = setting("auto", "auto (the task card's: ce, or hinge for pair tasks) | ce | hinge | neg-metric")
+    margin: float = setting(2.0, "the hinge loss's margin")
+    mode: str = setting("add", "add (into placeholder-token embeddings) | cat")
+    dist: str = setting("normal", "projection init: normal | uniform")
+    send: str = setting("z", "what travels per query: z (the server applies A) | prompt (the vectors)")
+    eval_every: int = setting(100, "dev check (and checkpoint) period, in API calls")
+    rounds: int = setting(0, "BBTv2 only: if set, spend rounds x popsize x layers calls instead of the budget")
+    batched: bool = setting(True, "one forward per generation (population batching) vs one per candidate")
+    eval_batch_size: int = setting(32, "eval examples per query")
+
+    profiles = {"quick": {"budget": 200}}  # a BBT generation costs tens of seconds on 2 CPU cores
+    # the reference README recommends 20,000 API calls for DBpedia (in its BBT section); BBTv2 gets the same
+    task_profiles = {"paper": {"dbpedia": {"budget": 20000}}}
 
 
 @dataclass
@@ -68,10 +72,12 @@ class BBTv2Config(BBTConfig):
     # with a 5x smaller step
     sigma: float = 0.2
     alpha: float = 0.2
-    # what layer j keeps after each of its generations: xbest (the reference: its strategy's best candidate so far,
-    # pycma's result.xbest) | generation-best (the generation's best) | global-best (the generation's best, only
-    # when it beats every loss seen so far)
-    accept: str = "xbest"
+    accept: str = setting(
+        "xbest", "what layer j keeps after each of its generations: xbest (the reference: its strategy's best so "
+        "far) | generation-best | global-best (the generation's best, only when it beats every loss seen)",
+    )
+
+    profiles = {"quick": {"rounds": 1}}
 
 
 class _BlackBoxPromptSearch(Method):
@@ -83,12 +89,27 @@ class _BlackBoxPromptSearch(Method):
     deployment_efficient = True
     deep = False
 
+    searches_by_calls = True
+
+    @classmethod
+    def check_config(cls, config):
+        choices = {"loss": LOSSES, "mode": ("add", "cat"), "dist": ("normal", "uniform"), "send": ("z", "prompt")}
+        for name, allowed in choices.items():
+            if getattr(config, name) not in allowed:
+                raise HarnessError(f"{cls.name}: {name} must be one of {', '.join(allowed)}, not '{getattr(config, name)}'")
+        for name in ("n_tokens", "intrinsic_dim", "popsize", "eval_every", "eval_batch_size"):
+            if getattr(config, name) < 1:
+                raise HarnessError(f"{cls.name}: {name} must be at least 1, got {getattr(config, name)}")
+        if config.popsize < 2:
+            raise HarnessError(f"{cls.name}: popsize must be at least 2 (CMA-ES ranks candidates), got {config.popsize}")
+        if config.sigma <= 0 or config.alpha < 0 or config.bound < 0 or config.rounds < 0:
+            raise HarnessError(f"{cls.name}: sigma must be positive; alpha, bound and rounds not negative")
+        if config.budget < config.popsize:
+            raise HarnessError(f"{cls.name}: a budget of {config.budget} calls is below one generation ({config.popsize})")
+
     def __init__(self, config, ctx):
         super().__init__(config, ctx)
-        if config.loss not in LOSSES:
-            raise HarnessError(f"{self.name}: loss must be one of {', '.join(LOSSES)}, not '{config.loss}'")
-        if config.budget < config.popsize:
-            raise HarnessError(f"{self.name}: a budget of {config.budget} calls is below one generation ({config.popsize})")
+        self.check_config(config)
         self.loss_name = ctx.card.loss if config.loss == "auto" else config.loss
         self.best_z: np.ndarray | None = None  # [slots, d]: the kept (best-dev) solution
         self.calls = 0
@@ -224,6 +245,7 @@ class _BlackBoxPromptSearch(Method):
 @register
 class BBT(_BlackBoxPromptSearch):
     name = "bbt"
+    rank = 50
 
     def fit(self, train, dev):
         self._setup(train, dev)
@@ -253,11 +275,13 @@ class BBT(_BlackBoxPromptSearch):
 @register
 class BBTv2(_BlackBoxPromptSearch):
     name = "bbtv2"
+    rank = 51
     config_class = BBTv2Config
     deep = True
 
-    def __init__(self, config, ctx):
-        super().__init__(config, ctx)
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
         if config.accept not in ACCEPT:
             raise HarnessError(f"bbtv2: accept must be one of {', '.join(ACCEPT)}, not '{config.accept}'")
 

@@ -38,6 +38,7 @@ class FeatureMLPConfig(ProbeConfig):
 @register
 class FeatureMLP(FeatureProbe):
     name = "feature-mlp"
+    rank = 40
     config_class = FeatureMLPConfig
     kind = "pooled"
 

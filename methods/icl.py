@@ -39,15 +39,15 @@ from harness.data import Example
 from harness.errors import HarnessError
 from harness.prompts import PromptFormat
 from methods import register
-from methods.base import Method, MethodConfig
+from methods.base import Method, MethodConfig, setting
 
 
 @dataclass
 class ICLConfig(MethodConfig):
-    max_demo_chars: int = 1500  # characters for the whole demonstration block (see the module docstring)
-    max_per_class: int = 16  # demonstrations per class at most (16 = all of a 16-shot train split)
-    separator: str = "\n"  # between demonstrations, and between the last one and the test input
-    batch_size: int = 32  # test inputs per query
+    max_demo_chars: int = setting(1500, "characters for the whole demonstration block (see the module docstring)")
+    max_per_class: int = setting(16, "demonstrations per class at most (16 = all of a 16-shot train split)")
+    separator: str = setting("\n", "between demonstrations, and between the last one and the test input")
+    batch_size: int = setting(32, "test inputs per query")
 
 
 @dataclass
@@ -115,16 +115,21 @@ def build_demonstrations(prompt: PromptFormat, train: list[Example], config: ICL
 @register
 class InContextLearning(Method):
     name = "icl"
+    rank = 30
     config_class = ICLConfig
     group = "gradient-free"
     as_a_service = True
     deployment_efficient = True
     uses_train = True  # the demonstrations come from the split
 
-    def __init__(self, config: ICLConfig, ctx):
-        super().__init__(config, ctx)
+    @classmethod
+    def check_config(cls, config: ICLConfig) -> None:
         if config.max_demo_chars < 1 or config.max_per_class < 1 or config.batch_size < 1:
             raise HarnessError(f"icl: max_demo_chars, max_per_class and batch_size must be positive; got {config}")
+
+    def __init__(self, config: ICLConfig, ctx):
+        super().__init__(config, ctx)
+        self.check_config(config)
         self.demos: Demonstrations | None = None
 
     def fit(self, train, dev):

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from methods import register
-from methods.base import Method, MethodConfig
+from methods.base import Method, MethodConfig, setting
 
 
 @dataclass
 class ManualConfig(MethodConfig):
-    batch_size: int = 32  # examples per query
+    batch_size: int = setting(32, "examples per query")
 
 
 def predict_with_service(method: Method, examples, batch_size: int) -> np.ndarray:
@@ -28,6 +28,7 @@ def predict_with_service(method: Method, examples, batch_size: int) -> np.ndarra
 @register
 class ManualPrompt(Method):
     name = "manual"
+    rank = 10  # the papers' row order
     config_class = ManualConfig
     group = "gradient-free"
     as_a_service = True

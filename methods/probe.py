@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from harness.data import Example
 from harness.errors import HarnessError
 from harness.metrics import score
-from methods.base import Method, MethodConfig
+from methods.base import Method, MethodConfig, setting
 
 INPUTS = ("auto", "raw", "template")
 
@@ -32,16 +32,16 @@ class ProbeConfig(MethodConfig):
     # "raw": the text fields joined by a newline (no prompt, as the papers' RoBERTa probes); "template": the task's
     # prompt; "auto": raw for masked LMs and encoder-decoders, template for causal LMs, whose last-token state
     # after a bare sentence says little about the label (Gemma sst2 Feature-MLP, 100 rows: raw 60.0, template 78.0)
-    input: str = "auto"
-    hidden_size: int = 1024
-    dropout: float = 0.1
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    epochs: int = 100
-    batch_size: int = 16  # training examples per optimiser step (user side)
-    query_batch: int = 32  # eval examples per features query
-    standardize: bool = True  # z-score each feature dimension with the train split's statistics
-    device: str = "cpu"  # where the user-side model trains: the user's machine, not the service's
+    input: str = setting("auto", "what the features are of: auto | raw (the text fields) | template (the task's prompt)")
+    hidden_size: int = setting(1024, "the probe's hidden width")
+    dropout: float = setting(0.1, "dropout in the probe")
+    lr: float = setting(1e-3, "Adam learning rate")
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    epochs: int = setting(100, "training epochs over the 16-shot train split")
+    batch_size: int = setting(16, "training examples per optimiser step (user side)")
+    query_batch: int = setting(32, "examples per features query")
+    standardize: bool = setting(True, "z-score each feature dimension with the train split's statistics")
+    device: str = setting("cpu", "where the user-side probe trains: the user's machine, not the service's")
 
 
 def tensor_bytes(tensors) -> int:
@@ -80,7 +80,7 @@ class FeatureProbe(Method):
 
     def __init__(self, config: ProbeConfig, ctx):
         super().__init__(config, ctx)
-        self.validate(config)
+        self.check_config(config)
         self.model: torch.nn.Module | None = None
         self.optimizer = None
         self.best_state: dict | None = None
@@ -94,8 +94,9 @@ class FeatureProbe(Method):
     def build_model(self, input_size: int, num_labels: int) -> torch.nn.Module:
         raise NotImplementedError
 
-    def validate(self, config: ProbeConfig) -> None:
-        name = self.name
+    @classmethod
+    def check_config(cls, config: ProbeConfig) -> None:
+        name = cls.name
         if config.input not in INPUTS:
             raise HarnessError(f"{name}: input '{config.input}' is not one of {', '.join(INPUTS)}")
         for field in ("hidden_size", "epochs", "batch_size", "query_batch"):

@@ -38,7 +38,7 @@ def test_missing_data_is_a_clear_error_before_any_compute(capsys, tmp_path):
 
 def test_run_then_report(tmp_path, shared_data, monkeypatch, capsys):
     monkeypatch.setattr(runner, "load_backbone", lambda name, dtype="float32": tiny_backbone("gpt2"))
-    monkeypatch.setattr("harness.cli.get_spec", lambda name: None)  # the tiny backbone is not in the registry
+    monkeypatch.setattr("harness.cli.spec_identity", lambda name: {"source": "test", "name": name})  # the tiny backbone is not in the registry
     report = tmp_path / "report.md"
     argv = ["run", "--datasets", "sst2,mrpc,dbpedia", "--backbone", "tiny-gpt2", "--eval-cap", "60",
             "--data-dir", str(shared_data), "--results-dir", str(tmp_path), "--report", str(report)]
@@ -46,7 +46,7 @@ def test_run_then_report(tmp_path, shared_data, monkeypatch, capsys):
     from harness.store import ResultsStore
 
     # each record keeps the service's switches it ran with (they change time, not results)
-    options = {r["service_options"]["compile"] for r in ResultsStore(tmp_path).records()}
+    options = {r.service_options["compile"] for r in ResultsStore(tmp_path).records()}
     assert options == {None}
     text = report.read_text()
     assert "| gradient-free | manual" in text
@@ -60,8 +60,8 @@ def test_run_then_report(tmp_path, shared_data, monkeypatch, capsys):
     assert "### Cost" in capsys.readouterr().out
     # the report's records travel beside it: with the local store gone, it regenerates the same tables
     twin = report.with_suffix(".jsonl")
-    assert sorted(r["task"] for r in ResultsStore(tmp_path).records()) == sorted(
-        json.loads(line)["task"] for line in twin.read_text().splitlines())
+    assert sorted(r.task for r in ResultsStore(tmp_path).records()) == sorted(
+        json.loads(line)["spec"]["task"] for line in twin.read_text().splitlines())
     (tmp_path / "results.jsonl").unlink()
     assert main(["report", "--results-dir", str(tmp_path / "fresh"), "--report", str(report)]) == 0
     assert report.read_text() == text
@@ -77,7 +77,7 @@ def test_a_side_store_gets_its_report_beside_it_not_over_the_committed_one(tmp_p
 
 def test_report_draws_convergence_figures_and_the_versatility_table(tmp_path, shared_data, monkeypatch):
     monkeypatch.setattr(runner, "load_backbone", lambda name, dtype="float32": tiny_backbone(name.removeprefix("tiny-")))
-    monkeypatch.setattr("harness.cli.get_spec", lambda name: None)
+    monkeypatch.setattr("harness.cli.spec_identity", lambda name: {"source": "test", "name": name})
     report = tmp_path / "out" / "report.md"
     common = ["--datasets", "sst2", "--eval-cap", "20", "--data-dir", str(shared_data), "--results-dir", str(tmp_path),
               "--report", str(report)]

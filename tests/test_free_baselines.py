@@ -270,11 +270,11 @@ def tiny_grid(tmp_path, shared_data, monkeypatch, kind, methods):
     store = ResultsStore(tmp_path)
     summary = runner.run_grid(specs, load_cards(), profile, store, str(shared_data))
     assert summary.failed == [] and len(summary.ran) == len(methods)
-    records = {r["method"]: r for r in store.records()}
+    records = {r.method: r for r in store.records()}
     for record in records.values():
-        assert record["status"] == "ok" and 0 <= record["metrics"]["score"] <= 100
-        assert record["as_a_service"] and record["deployment_efficient"] and record["group"] == "gradient-free"
-        assert record["queries"]["eval"]["queries"] == 2  # 64 eval rows in queries of 32
+        assert record.status == "ok" and 0 <= record.score <= 100
+        assert record.as_a_service and record.deployment_efficient and record.group == "gradient-free"
+        assert record.queries["eval"]["queries"] == 2  # 64 eval rows in queries of 32
     return records
 
 
@@ -282,17 +282,17 @@ def test_each_method_runs_end_to_end(tmp_path, shared_data, monkeypatch):
     records = tiny_grid(tmp_path, shared_data, monkeypatch, "gpt2", ["icl", "feature-mlp", "feature-bilstm"])
     hidden = 32
     icl = records["icl"]
-    assert "train" not in icl["queries"] and icl["tunable_parameters"] == 0 and icl["trace"]["demonstrations"] >= 2
-    mlp = records["feature-mlp"]["queries"]["train"]
+    assert "train" not in icl.queries and icl.tunable_parameters == 0 and icl.trace["demonstrations"] >= 2
+    mlp = records["feature-mlp"].queries["train"]
     assert mlp["queries"] == 2 and mlp["download_per_query_bytes"] == 32 * hidden * 4  # sst2: 32 train, 32 dev
-    assert records["feature-mlp"]["tunable_parameters"] == (hidden * 32 + 32) + (32 * 2 + 2)
-    bilstm = records["feature-bilstm"]["queries"]["train"]
+    assert records["feature-mlp"].tunable_parameters == (hidden * 32 + 32) + (32 * 2 + 2)
+    bilstm = records["feature-bilstm"].queries["train"]
     # each query: N x max_len x hidden x 4 B + N x 4 B of lengths, max_len that query's longest text
     assert bilstm["queries"] == 2 and (bilstm["download_bytes"] - 2 * 32 * 4) % (32 * hidden * 4) == 0
-    assert records["feature-bilstm"]["meters"]["user_tensor_mb"] > 0
+    assert records["feature-bilstm"].meters["user_tensor_mb"] > 0
 
 
 def test_icl_runs_end_to_end_on_a_masked_lm(tmp_path, shared_data, monkeypatch):
     # filled-in demonstrations hold no mask, so the scorer finds exactly one: the test input's
     records = tiny_grid(tmp_path, shared_data, monkeypatch, "roberta", ["icl"])
-    assert records["icl"]["trace"]["per_class"][0] == records["icl"]["trace"]["per_class"][1] >= 1
+    assert records["icl"].trace["per_class"][0] == records["icl"].trace["per_class"][1] >= 1

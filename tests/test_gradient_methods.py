@@ -197,10 +197,8 @@ def test_method_matrix(method, kind):
 def test_flags_and_registration():
     gradient = [name for name, cls in registry().items() if cls.group == "gradient-based"]
     assert gradient == METHODS  # the papers' row order
-    from harness.profiles import GRADIENT_METHODS
-
-    assert set(GRADIENT_METHODS) == set(METHODS)  # the quick profile's overrides name real methods
-    assert get_profile("quick").overrides_for("lora") == {"steps": 200, "eval_every": 50}
+    for name in gradient:  # the quick profile's budget comes with each method's config
+        assert get_method(name).config_class.for_profile("quick", "sst2") == {"steps": 200, "eval_every": 50}
     for name in gradient:
         cls = get_method(name)
         assert cls.as_a_service is False
@@ -368,17 +366,17 @@ def test_every_method_runs_through_the_grid_and_leaves_the_backbone_as_it_was(tm
     store = ResultsStore(tmp_path)
     summary = runner.run_grid(specs, load_cards(), profile, store, str(shared_data))
     assert summary.failed == [] and len(summary.ran) == len(METHODS)
-    records = {r["method"]: r for r in store.records()}
+    records = {r.method: r for r in store.records()}
     for method in METHODS:
         r = records[method]
-        assert r["status"] == "ok" and r["group"] == "gradient-based" and r["as_a_service"] is False
-        assert r["deployment_efficient"] is (method != "model-tuning")
-        assert r["tunable_parameters"] == expected_count(method, shared, get_method(method).config_class())
-        assert r["split"]["eval_size"] == 40 and 0 <= r["metrics"]["score"] <= 100
-        assert r["trace"]["best_step"] in (2, 3) and len(r["trace"]["train_loss"]) == 3
-        assert r["meters"]["wall_s"] > 0 and r["meters"]["server_gpu_peak_mb"] is None  # CPU: labelled, not zero
-        assert r["meters"]["cpu_rss_peak_mb"] > 0
-        assert r["queries"] is None  # they own the model: no service traffic to count
+        assert r.status == "ok" and r.group == "gradient-based" and r.as_a_service is False
+        assert r.deployment_efficient is (method != "model-tuning")
+        assert r.tunable_parameters == expected_count(method, shared, get_method(method).config_class())
+        assert r.split["eval_size"] == 40 and 0 <= r.score <= 100
+        assert r.trace["best_step"] in (2, 3) and len(r.trace["train_loss"]) == 3
+        assert r.meters["wall_s"] > 0 and r.meters["server_gpu_peak_mb"] is None  # CPU: labelled, not zero
+        assert r.meters["cpu_rss_peak_mb"] > 0
+        assert r.queries is None  # they own the model: no service traffic to count
     assert_same_state(shared.model, before)
     from harness.report import render
 

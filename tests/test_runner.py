@@ -10,7 +10,9 @@ import harness.runner as runner
 from harness.backbones import resolve_dtype
 from harness.errors import HarnessError
 from harness.profiles import get_profile
+from harness.record import RunRecord, RunSpec
 from harness.report import render
+from harness.settings import method_config
 from harness.store import ResultsStore
 from harness.tasks import load_cards
 from methods import get_method, registry
@@ -41,14 +43,16 @@ def test_record_has_what_reproduction_needs(tmp_path, shared_data, tiny):
     summary, store = grid(tmp_path, shared_data, tasks=("sst2",), seeds=(13,))
     assert len(summary.ran) == 1
     (record,) = store.records()
-    assert record["status"] == "ok" and 0 <= record["metrics"]["score"] <= 100
-    for key in ("run_id", "config_hash", "backbone_identity", "versions", "meters", "queries", "seed"):
-        assert record[key] is not None
-    assert record["split"]["split_hash"] and record["split"]["eval_hash"] and record["split"]["eval_size"] == 400
-    assert record["versions"]["torch"] and record["meters"]["device"].startswith("cpu")
-    assert record["meters"]["torch_threads"] == torch.get_num_threads()  # bf16/float32 sums depend on it
-    assert record["meters"]["server_gpu_peak_mb"] is None  # CPU: no GPU figure, not a zero
-    assert record["queries"]["eval"]["queries"] == 13  # 400 rows in queries of 32
+    assert record.status == "ok" and 0 <= record.score <= 100
+    for key in ("run_id", "backbone_identity", "versions", "meters", "queries", "seed", "predictions"):
+        assert getattr(record, key) is not None
+    assert record.schema == 2 and not record.legacy
+    assert len(record.predictions.row_ids()) == len(record.predictions.labels) == 400
+    assert record.split["split_hash"] and record.split["eval_hash"] and record.split["eval_size"] == 400
+    assert record.versions["torch"] and record.meters["device"].startswith("cpu")
+    assert record.meters["torch_threads"] == torch.get_num_threads()  # bf16/float32 sums depend on it
+    assert record.meters["server_gpu_peak_mb"] is None  # CPU: no GPU figure, not a zero
+    assert record.queries["eval"]["queries"] == 13  # 400 rows in queries of 32
 
 
 def test_manual_runs_once_per_task_whatever_the_seeds(tmp_path, shared_data, tiny):
@@ -62,7 +66,7 @@ def test_resume_skips_finished_runs_and_survives_a_cut_line(tmp_path, shared_dat
         handle.write('{"run_id": "cut-short", "status": "o')  # a kill mid-write
     summary, store = grid(tmp_path, shared_data, tasks=("sst2", "rte"))
     assert summary.skipped == ["manual/sst2/seed13/tiny-gpt2"] and summary.ran == ["manual/rte/seed13/tiny-gpt2"]
-    assert [r["task"] for r in store.records()] == ["sst2", "rte"]  # the cut line is ignored, the next one whole
+    assert [r.task for r in store.records()] == ["sst2", "rte"]  # the cut line is ignored, the next one whole
     loads_before = len(tiny)
     summary, _ = grid(tmp_path, shared_data, tasks=("sst2", "rte"))
     assert summary.ran == [] and len(summary.skipped) == 2
@@ -78,7 +82,7 @@ def test_a_failed_run_is_recorded_and_retried(tmp_path, shared_data, tiny, monke
     monkeypatch.setattr(cls, "predict", broken)
     summary, store = grid(tmp_path, shared_data, tasks=("sst2", "rte"), seeds=(13,))
     assert len(summary.failed) == 2 and "boom" in summary.failed[0][1]
-    assert all(r["status"] == "failed" and "boom" in r["error"] for r in store.records())
+    assert all(r.status == "failed" and "boom" in r.error for r in store.records())
     monkeypatch.undo()
     monkeypatch.setattr(runner, "load_backbone", lambda name, dtype="float32": tiny_backbone("gpt2"))
     summary, _ = grid(tmp_path, shared_data, tasks=("sst2", "rte"), seeds=(13,))
@@ -105,15 +109,14 @@ def test_black_box_methods_get_the_service_and_not_the_model(tmp_path, shared_da
 def test_unknown_method_setting_is_an_error():
     from harness.errors import HarnessError
 
-    with pytest.raises(HarnessError, match="has no setting\\(s\\) \\['budget'\\]"):
-        runner.method_config("manual", PROFILE, {"budget": 10})
+    with pytest.raises(HarnessError, match="has no setting\\(s\\) \\['budget'\\]; its settings are: batch_size"):
+        method_config("manual", PROFILE, settings={"manual": {"budget": 10}})
 
 
 def test_an_interrupted_bbt_run_resumes_in_the_next_grid_and_counts_its_whole_time(tmp_path, shared_data, tiny, monkeypatch):
     from harness.checkpoint import Checkpoint
-    from harness.store import RunSpec
-
-    config = runner.method_config("bbt", PROFILE, {"budget": 40, "popsize": 10, "intrinsic_dim": 10, "n_tokens": 4, "eval_every": 20})
+    settings = {"bbt": {"budget": 40, "popsize": 10, "intrinsic_dim": 10, "n_tokens": 4, "eval_every": 20}}
+    config = method_config("bbt", PROFILE, settings=settings)
     spec = RunSpec("bbt", "sst2", 13, "tiny-gpt2", 16, 8, vars(config))
     store = ResultsStore(tmp_path)
     save = Checkpoint.save
@@ -130,8 +133,8 @@ def test_an_interrupted_bbt_run_resumes_in_the_next_grid_and_counts_its_whole_ti
     summary = runner.run_grid([spec], load_cards(), PROFILE, store, str(shared_data))
     assert summary.ran == [spec.label()]
     record = store.records()[-1]
-    assert record["meters"]["resumed_at_calls"] == [20] and record["trace"]["calls"] == 40
-    assert record["queries"]["train"]["queries"] == 40  # both attempts' calls, each once
+    assert record.meters["resumed_at_calls"] == [20] and record.trace["calls"] == 40
+    assert record.queries["train"]["queries"] == 40  # both attempts' calls, each once
     assert not store.checkpoint_path(spec.run_id).exists()
     # the report marks the resumed run's cells and says where it was taken up again
     text = render(store.records())
@@ -260,7 +263,7 @@ def test_an_average_over_part_of_the_tasks_says_how_many():
 
     from harness.report import _task_cells
 
-    runs = pd.DataFrame({"task": ["sst2", "sst2", "agnews"], "score": [60.0, 70.0, 80.0]})
+    runs = pd.DataFrame({"task": ["sst2", "sst2", "agnews"], "score": [60.0, 70.0, 80.0], "resumed_at": "", "legacy": False})
     assert _task_cells(runs, ["sst2", "agnews"], ["sst2", "agnews"])["avg"] == "72.50"
     assert _task_cells(runs, ["sst2", "rte"], ["sst2", "rte"]) == {"sst2": "65.00 ± 5.00", "rte": "–", "avg": "65.00 (1 task)"}
     assert _task_cells(runs, ["sst2", "agnews", "rte"], ["sst2", "agnews", "rte"])["avg"] == "72.50 (2 tasks)"
@@ -289,19 +292,20 @@ def test_a_report_keeps_its_published_records_and_takes_the_stores_newer_ones(tm
     from harness.store import published
 
     def record(run_id, started, status="ok", score=50.0):
-        return {"run_id": run_id, "started": started, "status": status, "metrics": {"score": score}}
+        spec = RunSpec("manual", run_id, 13, "tiny-gpt2", 16, None, {})
+        return RunRecord(run_id, status, spec, started, metrics={"score": score})
 
     report = tmp_path / "reports" / "results.md"
     report.with_suffix(".jsonl").parent.mkdir()
     behind = [record("a", 1), record("b", 1), record("e", 5, score=90.0)]
-    report.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in behind))
+    report.with_suffix(".jsonl").write_text("".join(json.dumps(r.to_json()) + "\n" for r in behind))
     store = ResultsStore(tmp_path / "local")
     for r in [record("b", 2, score=70.0), record("c", 2, status="failed"), record("d", 2), record("e", 3)]:
         store.append(r)
     kept = published(report, store)
     # b: the store's rerun is newer; e: the published record is newer than the store's (pulled after it ran)
-    assert [(r["run_id"], r["metrics"]["score"]) for r in kept] == [("a", 50.0), ("b", 70.0), ("d", 50.0), ("e", 90.0)]
-    assert [json.loads(line) for line in report.with_suffix(".jsonl").read_text().splitlines()] == kept
+    assert [(r.run_id, r.score) for r in kept] == [("a", 50.0), ("b", 70.0), ("d", 50.0), ("e", 90.0)]
+    assert [json.loads(line) for line in report.with_suffix(".jsonl").read_text().splitlines()] == [r.to_json() for r in kept]
     # a side store's report sits beside it: the store is the report's records, left as it is (failures too)
     assert len(published(tmp_path / "local" / "results.md", store)) == 4
     assert len(store.records()) == 4

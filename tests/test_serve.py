@@ -120,10 +120,10 @@ def test_harness_run_over_http_records_the_service_and_refuses_gradient_methods(
                           capture_output=True, text=True, timeout=2 * STARTUP_S, env=_env())
     assert done.returncode == 0, done.stderr[-2000:]
     (record,) = [json.loads(line) for line in (tmp_path / "results" / "results.jsonl").read_text().splitlines()]
-    assert record["backbone"] == "tiny-gpt2" and record["service"]["transport"] == "http"
-    assert record["service"]["url"] == server and record["backbone_identity"]["name"] == "tiny-gpt2"
-    assert record["meters"]["client_rss_peak_mb"] > 0 and record["meters"]["server_peak_rss_mb"] > 0
-    assert record["queries"]["eval"]["wire_down_per_query_bytes"] > 0
+    assert record.backbone == "tiny-gpt2" and record.service["transport"] == "http"
+    assert record.service["url"] == server and record.backbone_identity["name"] == "tiny-gpt2"
+    assert record.meters["client_rss_peak_mb"] > 0 and record.meters["server_peak_rss_mb"] > 0
+    assert record.queries["eval"]["wire_down_per_query_bytes"] > 0
     report = (tmp_path / "results" / "results.md").read_text()
     assert "wire up↑ down↓ per query" in report and "client RSS (server RSS)" in report
     refused = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--methods", "lora", *common],
@@ -298,5 +298,5 @@ def test_a_bbt_run_survives_a_server_killed_mid_run(tmp_path, shared_data):
         summary = runner.run_grid(specs, load_cards(), profile, store, str(shared_data), remote=Remote(url))
     assert not summary.failed and summary.ran
     (record,) = store.records()
-    assert record["meters"]["resumed_at_calls"] and 20 <= record["meters"]["resumed_at_calls"][0] < 200
-    assert record["trace"]["calls"] == 200 and not checkpoint.exists()
+    assert record.meters["resumed_at_calls"] and 20 <= record.meters["resumed_at_calls"][0] < 200
+    assert record.trace["calls"] == 200 and not checkpoint.exists()
