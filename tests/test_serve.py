@@ -25,6 +25,7 @@ from harness.prompts import PromptFormat
 from harness.protocol import LabelLogitsRequest, PromptedLogitsRequest, ProtocolError
 from harness.serve_bench import free_port, start_server, stop_server
 from harness.service import ModelService
+from harness.store import read_records
 from harness.tasks import get_card
 from harness.wire import MEDIA_TYPE, encode
 from methods import get_method
@@ -119,8 +120,9 @@ def test_harness_run_over_http_records_the_service_and_refuses_gradient_methods(
     done = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--methods", "manual", *common],
                           capture_output=True, text=True, timeout=2 * STARTUP_S, env=_env())
     assert done.returncode == 0, done.stderr[-2000:]
-    (record,) = [json.loads(line) for line in (tmp_path / "results" / "results.jsonl").read_text().splitlines()]
-    assert record.backbone == "tiny-gpt2" and record.service["transport"] == "http"
+    (record,) = read_records(tmp_path / "results" / "results.jsonl")
+    assert record.backbone == "tiny-gpt2" and record.spec.backbone_id  # the server's identity names the weights
+    assert record.service["transport"] == "http" and record.service["transport"] == "http"
     assert record.service["url"] == server and record.backbone_identity["name"] == "tiny-gpt2"
     assert record.meters["client_rss_peak_mb"] > 0 and record.meters["server_peak_rss_mb"] > 0
     assert record.queries["eval"]["wire_down_per_query_bytes"] > 0
