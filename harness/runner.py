@@ -1,6 +1,7 @@
 """The runner: expands a request into RunSpecs, skips finished ones, runs the rest and records each.
 
-Call path: cli.run -> run_grid -> run_one -> Method.fit / Method.predict -> ModelService -> Scorer -> model.
+Call path: cli.run -> run_grid -> run_one (here, or in a Ray actor: harness/ray_executor.py) -> Method.fit /
+Method.predict -> ModelService -> Scorer -> model.
 """
 
 from __future__ import annotations
