@@ -59,31 +59,45 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class Predictions:
-    """Which eval rows were scored and what was predicted, compactly: rows as [start, stop) ranges of row indices
-    into the task's eval split (a capped eval set is a sorted sample, the full one a single range), labels as one
-    base-36 character per row, in the rows' order."""
+    """Which eval rows were scored, what was predicted and the gold labels, compactly: rows as [start, stop) ranges
+    of row indices into the task's eval split (a capped eval set is a sorted sample, the full one a single range),
+    labels and gold as one base-36 character per row, in the rows' order. The gold labels let a report pair two
+    runs' predictions (a paired test) from the records alone, without the data files."""
 
     rows: list
     labels: str
+    gold: str = ""  # empty in records written before the gold labels were stored
+    positive: int | None = None  # the positive class, where the task's metric is F1
 
     @classmethod
-    def of(cls, row_ids, labels) -> Predictions:
+    def of(cls, row_ids, labels, gold, positive: int | None = None) -> Predictions:
         row_ids = [int(i) for i in row_ids]
-        if len(row_ids) != len(labels):
-            raise ValueError(f"{len(row_ids)} eval rows but {len(labels)} predictions")
+        if not len(row_ids) == len(labels) == len(gold):
+            raise ValueError(f"{len(row_ids)} eval rows but {len(labels)} predictions and {len(gold)} gold labels")
         ranges: list[list[int]] = []
         for i in row_ids:
             if ranges and ranges[-1][1] == i:
                 ranges[-1][1] = i + 1
             else:
                 ranges.append([i, i + 1])
-        return cls(ranges, "".join(DIGITS[int(label)] for label in labels))
+        return cls(ranges, _digits(labels), _digits(gold), positive)
 
     def row_ids(self) -> list[int]:
         return [i for start, stop in self.rows for i in range(start, stop)]
 
     def label_ids(self) -> np.ndarray:
-        return np.array([DIGITS.index(c) for c in self.labels], dtype=np.int64)
+        return _ids(self.labels)
+
+    def gold_ids(self) -> np.ndarray | None:
+        return _ids(self.gold) if self.gold else None
+
+
+def _digits(labels) -> str:
+    return "".join(DIGITS[int(label)] for label in labels)
+
+
+def _ids(text: str) -> np.ndarray:
+    return np.array([DIGITS.index(c) for c in text], dtype=np.int64)
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,13 @@ Every table says which backbone, device, profile and package versions it comes f
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 
+from harness.errors import HarnessError
+from harness.paired import ALPHA, RESAMPLES, Paired, pair_runs
 from harness.record import RunRecord
 
 TASK_ORDER = ["sst2", "yelpp", "agnews", "dbpedia", "mrpc", "snli", "rte"]  # the papers' column order
@@ -40,6 +43,7 @@ def load_frame(records: list[RunRecord]) -> pd.DataFrame:
                 "method": r.method,
                 "task": r.task,
                 "seed": r.seed,
+                "k_shot": r.spec.k_shot,
                 "backbone": r.backbone,
                 "dtype": r.dtype,
                 "profile": r.profile,
@@ -75,6 +79,7 @@ def load_frame(records: list[RunRecord]) -> pd.DataFrame:
                 # the calls at which an interrupted attempt's checkpoint was taken up again ("" if it never was)
                 "resumed_at": ", ".join(str(c) for c in meters.get("resumed_at_calls") or []),
                 "legacy": r.legacy,
+                "record": r,
             }
         )
     return pd.DataFrame(rows)
@@ -98,15 +103,17 @@ def _cell(scores: pd.Series) -> str:
     return f"{scores.mean():.2f} ± {scores.std(ddof=0):.2f}"
 
 
-def _task_cells(runs: pd.DataFrame, tasks: list[str], headers: list[str]) -> dict[str, str]:
-    """One row's score cells (mean ± std over seeds, or – where a task has no run) and the average over tasks."""
+def _task_cells(runs: pd.DataFrame, tasks: list[str], headers: list[str], marks: dict | None = None) -> dict[str, str]:
+    """One row's score cells (mean ± std over seeds, or – where a task has no run) and the average over tasks;
+    `marks` adds each task's significance mark."""
     row, means = {}, []
     for task, header in zip(tasks, headers):
         part = runs[runs["task"] == task]
         scores = part["score"]
         resumed = bool((part["resumed_at"] != "").any())
         legacy = bool(part["legacy"].any())
-        row[header] = (_cell(scores) + RESUMED * resumed + LEGACY * legacy) if len(scores) else "–"
+        mark = (marks or {}).get(task, "")
+        row[header] = (_cell(scores) + mark + RESUMED * resumed + LEGACY * legacy) if len(scores) else "–"
         if len(scores):
             means.append(scores.mean())
     partial = "" if len(means) == len(tasks) else f" ({len(means)} task{'s' * (len(means) > 1)})"
@@ -114,6 +121,7 @@ def _task_cells(runs: pd.DataFrame, tasks: list[str], headers: list[str]) -> dic
     return row
 
 
+BETTER, WORSE = " ▲", " ▼"  # significantly above / below the manual prompt on the same rows (harness/paired.py)
 RESUMED = " ‡"  # a cell with a run that was interrupted and resumed from its checkpoint
 LEGACY = " §"  # a cell with a schema-1 record, whose identity does not cover the task card, data or backbone
 
@@ -130,16 +138,76 @@ def _params(n: int) -> str:
 
 
 def comparison_table(frame: pd.DataFrame) -> str:
-    """Methods x tasks, mean ± std over seeds, with the tunable parameters and the average over tasks."""
+    """Methods x tasks, mean ± std over seeds, with the tunable parameters and the average over tasks; ▲ / ▼ where
+    a paired test puts the method above / below the manual prompt."""
     tasks = _ordered_tasks(frame["task"])
+    tests = paired_tests(frame, BASELINE)
     rows = []
     for method in _method_order(frame):
         part = frame[frame["method"] == method]
         row = {"group": part["group"].iloc[0], "method": method, "tunable params": _params(part["tunable"].max())}
-        row |= _task_cells(part, tasks, [_task_header(frame, task) for task in tasks])
+        marks = {task: _mark(tests.get((method, task))) for task in tasks}
+        row |= _task_cells(part, tasks, [_task_header(frame, task) for task in tasks], marks)
         row["seeds"] = _seeds(part, tasks)
         rows.append(row)
     return _markdown(rows)
+
+
+BASELINE = "manual"
+CONTRASTS = [("bbtv2", "bbt")]  # pairs beyond "each method against the manual prompt"
+
+
+def paired_tests(frame: pd.DataFrame, against: str, methods=None) -> dict[tuple[str, str], Paired]:
+    """(method, task) -> the paired test of the method's runs against `against`'s on the same rows."""
+    out = {}
+    for task in _ordered_tasks(frame["task"]):
+        base = frame[(frame["task"] == task) & (frame["method"] == against)]["record"].tolist()
+        if not base:
+            continue
+        for method in methods or _method_order(frame):
+            runs = frame[(frame["task"] == task) & (frame["method"] == method)]["record"].tolist()
+            if method != against and runs:
+                result = pair_runs(runs, base)
+                if result:
+                    out[(method, task)] = result
+    return out
+
+
+def _mark(result: Paired | None) -> str:
+    if result is None or not result.significant:
+        return ""
+    return BETTER if result.difference > 0 else WORSE
+
+
+def _p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def paired_table(frame: pd.DataFrame) -> str | None:
+    """Each method against the manual prompt (and BBTv2 against BBT): the difference in points on the same rows
+    and its p-value."""
+    tasks = _ordered_tasks(frame["task"])
+    rows = []
+    for against, methods in [(BASELINE, None), *[(b, [a]) for a, b in CONTRASTS]]:
+        tests = paired_tests(frame, against, methods)
+        for method in methods or _method_order(frame):
+            if method == against or not any((method, t) in tests for t in tasks):
+                continue
+            row = {"comparison": f"{method} − {against}"}
+            for task in tasks:
+                result = tests.get((method, task))
+                row[task] = "–" if result is None else f"{result.difference:+.2f} ({_p(result.p_value)}){_mark(result)}"
+            rows.append(row)
+    if not rows:
+        return None
+    header = (
+        "Each cell: the difference in points between two methods on the same eval rows (pooled over the seeds both "
+        "ran) and the two-sided p-value of a paired test: exact McNemar for accuracy, a paired permutation test "
+        f"({RESAMPLES:,} resamples) for F1. {BETTER.strip()} / {WORSE.strip()}: significant at p < {ALPHA} "
+        "(not corrected for the number of comparisons); the same marks stand in the comparison table. Runs recorded "
+        "without per-example predictions (§) cannot be paired (–)."
+    )
+    return header + "\n\n" + _markdown(rows)
 
 
 def _seeds(runs: pd.DataFrame, tasks: list[str]) -> str:
@@ -238,6 +306,14 @@ def _measured(part: pd.DataFrame, by_task: dict) -> dict:
     }
 
 
+def _shots(frame: pd.DataFrame) -> str:
+    """"16-shot", or "16-shot; dbpedia 4-shot" where a task's runs used other shots per class."""
+    usual = int(frame["k_shot"].mode().iloc[0])
+    others = [f"{task} {int(k)}-shot" for task in _ordered_tasks(frame["task"])
+              for k in sorted(frame[frame["task"] == task]["k_shot"].unique()) if k != usual]
+    return "; ".join([f"{usual}-shot", *others])
+
+
 def provenance(frame: pd.DataFrame) -> str:
     lines = [
         f"- backbone: {', '.join(sorted(frame['backbone'].unique()))}",
@@ -266,8 +342,45 @@ def provenance(frame: pd.DataFrame) -> str:
         lines.append(f"- legacy records (§): {len(legacy)} of {len(frame)} runs were recorded before a run's identity covered "
                      "the task card, the data files and the backbone's weights (record schema 1), and without per-example "
                      "predictions; a rerun records them anew")
+    lines += departures(frame)
     lines.append("- data caveats († = scored on a subset of the eval split):" if caveats else "- data caveats: none")
     return "\n".join(lines + caveats)
+
+
+def departures(frame: pd.DataFrame) -> list[str]:
+    """Where these runs depart from the papers' protocol (the `paper` profile): eval caps, seeds, and each method's
+    settings that differ from the paper profile's, read from the runs' own specs."""
+    from harness.profiles import get_profile
+    from harness.settings import method_config
+
+    paper = get_profile("paper")
+    out = []
+    caps = sorted({int(c) for c in frame["record"].map(lambda r: r.spec.eval_cap) if c})
+    if caps:
+        out.append(f"eval capped at {', '.join(map(str, caps))} rows per task (the papers score the whole eval set)")
+    for task in _ordered_tasks(frame["task"]):
+        shots = sorted({int(k) for k in frame[frame["task"] == task]["k_shot"]} - {paper.shots(task)})
+        if shots:
+            out.append(f"{task}: {', '.join(map(str, shots))} shots per class (the papers: {paper.shots(task)})")
+    seeds = sorted(set(frame["seed"]))
+    if len(seeds) < len(paper.seeds):
+        out.append(f"{len(seeds)} split{'s' * (len(seeds) > 1)} (seed {', '.join(map(str, seeds))}), not the papers' "
+                   f"{len(paper.seeds)}")
+    for method in _method_order(frame):
+        by_change: dict[str, list[str]] = {}
+        for r in frame[frame["method"] == method]["record"]:
+            try:
+                theirs = asdict(method_config(method, paper, r.task, settings={}))
+            except HarnessError:  # a method no longer registered
+                continue
+            changed = [f"{k} {v} (paper {theirs[k]})" for k, v in sorted(r.spec.config.items())
+                       if k in theirs and theirs[k] != v]
+            if changed:
+                by_change.setdefault(", ".join(changed), []).append(r.task)
+        for change, tasks in by_change.items():
+            out.append(f"{method} on {', '.join(_ordered_tasks(set(tasks)))}: {change}")
+    return ["- departures from the papers' protocol:" if out else "- departures from the papers' protocol: none",
+            *[f"  - {line}" for line in out]]
 
 
 def part_trained(frame: pd.DataFrame) -> dict[str, str]:
@@ -333,8 +446,10 @@ def render(records: list[RunRecord]) -> str:
         sections += [
             f"## {backbone}, profile `{profile}`, {dtype}",
             provenance(part),
-            "### Comparison (16-shot; mean ± std over seeds; mrpc is F1)",
+            f"### Comparison ({_shots(part)}; mean ± std over seeds; mrpc is F1; {BETTER.strip()} / {WORSE.strip()}: "
+            "above / below the manual prompt in a paired test, p < 0.05)",
             comparison_table(part),
+            *(["### Paired tests", table] if (table := paired_table(part)) else []),
             "### Cost",
             cost_table(part),
             "### Beside the published numbers",
@@ -392,14 +507,70 @@ def convergence_figures(records: list[RunRecord], folder: Path) -> list[Path]:
     return paths
 
 
+def _spent(r: RunRecord) -> list[tuple[int, float]] | None:
+    """(training examples forwarded, dev metric) at each dev check of a search by API call (one call forwards the
+    whole train set) or a gradient method (one step forwards, and backpropagates, a batch); None for the rest."""
+    trace, train_size = r.trace or {}, r.split.get("train_size") or 0
+    if trace.get("train") and "best_loss" in trace["train"][0]:
+        return [(d["calls"] * train_size, d["metric"]) for d in trace["dev"]]
+    if r.group == "gradient-based" and trace.get("dev"):
+        batch = r.spec.config.get("batch_size", 0)
+        return [(d["step"] * batch, d["dev_score"]) for d in trace["dev"]]
+    return None
+
+
+def budget_figures(records: list[RunRecord], folder: Path) -> list[Path]:
+    """PNG per backbone and task: the dev metric of BBT, BBTv2 and the gradient methods against the training
+    examples they had forwarded by then, so methods that spend their forwards differently sit on one axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for r in records:
+        if r.ok and _spent(r):
+            groups.setdefault((r.backbone, r.task), []).append(r)
+    paths = []
+    for (backbone, task), runs in sorted(groups.items()):
+        figure, ax = plt.subplots(figsize=(8, 4.6))
+        for r in sorted(runs, key=lambda r: (_rank(r.method), r.method, r.seed, r.profile, r.dtype)):
+            points = _spent(r)
+            style = "-" if r.group == "gradient-free" else "--"
+            ax.plot([x for x, _ in points], [y for _, y in points], style, marker="o", markersize=3,
+                    label=f"{r.method} seed {r.seed}, {r.profile}, {r.dtype}")
+        ax.set_xscale("log")
+        ax.set(xlabel="training examples forwarded (a gradient step also backpropagates its batch)",
+               ylabel=f"dev {runs[0].metric}", title=f"{backbone}, {task}: dev metric by forwards spent")
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
+        figure.tight_layout()
+        path = folder / f"budget-{backbone}-{task}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def _rank(method: str) -> int:
+    from methods import registry
+
+    cls = registry().get(method)
+    return cls.rank if cls else 999
+
+
 def write_report(records: list[RunRecord], out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = render(records)
     figures = convergence_figures(records, out.parent)
-    for stale in set(out.parent.glob("convergence-*.png")) - set(figures):  # of runs no longer in the records
-        stale.unlink()
+    budgets = budget_figures(records, out.parent)
+    stale = set(out.parent.glob("convergence-*.png")) | set(out.parent.glob("budget-*.png"))
+    for path in stale - set(figures) - set(budgets):  # of runs no longer in the records
+        path.unlink()
     if figures:
         text += "\n## Convergence (BBT, BBTv2)\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n"
+    if budgets:
+        text += ("\n## Matched budget: dev metric by training forwards (BBT, BBTv2, gradient methods)\n\n"
+                 + "\n".join(f"![{p.stem}]({p.name})" for p in budgets) + "\n")
     out.write_text(text)
     return out

@@ -82,7 +82,7 @@ def expand(
             config = asdict(method_config(method, profile, task))  # in the spec, so in the run's id
             for seed in method_seeds:
                 specs.append(RunSpec(
-                    method, task, seed, backbone, profile.k_shot, profile.eval_cap, config, dtype,
+                    method, task, seed, backbone, profile.shots(task), profile.eval_cap, config, dtype,
                     ids.cards.get(task, ""), ids.data.get(task, ""), ids.backbone,
                 ))
     return specs
@@ -185,7 +185,7 @@ def run_one(
         backbone_identity=service.info.identity if service else backbone.identity,
         versions=package_versions(),
         trace=method.trace(),
-        predictions=Predictions.of(split.eval_ids, preds),
+        predictions=Predictions.of(split.eval_ids, preds, gold, card.positive_label if card.metric == "f1" else None),
     )
 
 

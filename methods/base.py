@@ -15,6 +15,7 @@ import numpy as np
 from harness.backbones import Backbone
 from harness.checkpoint import Checkpoint
 from harness.data import Example
+from harness.errors import HarnessError
 from harness.progress import RunProgress
 from harness.prompts import PromptFormat
 from harness.service import ServiceClient
@@ -51,10 +52,10 @@ class MethodConfig:
 
     @classmethod
     def for_profile(cls, profile: str, task: str | None = None) -> dict:
-        """This method's own values for a profile (and task): the profile's method-wide values win over its
-        per-task ones, so a profile's caps (quick's budgets) hold on every task."""
+        """This method's own values for a profile (and task): a profile's per-task values win over its
+        method-wide ones (quick's budget on dbpedia over quick's budget); another profile's never apply."""
         per_task = cls.task_profiles.get(profile, {}).get(task, {}) if task else {}
-        return {**per_task, **cls.profiles.get(profile, {})}
+        return {**cls.profiles.get(profile, {}), **per_task}
 
     @classmethod
     def describe(cls) -> list[tuple[str, object, str]]:
@@ -83,6 +84,13 @@ class Method:
     def check_config(cls, config: MethodConfig) -> None:
         """Raise HarnessError for a value the method cannot run with. Called before any backbone loads (and again
         when the method is built); a method with constraints beyond the fields' types extends it."""
+
+    @classmethod
+    def require_positive(cls, config: MethodConfig, *names: str) -> None:
+        """The check_config rule most fields share: counts (steps, sizes, periods) of at least 1."""
+        for name in names:
+            if getattr(config, name) < 1:
+                raise HarnessError(f"{cls.name}: {name} must be at least 1, got {getattr(config, name)}")
 
     def __init__(self, config: MethodConfig, ctx: RunContext):
         self.config = config

@@ -80,8 +80,7 @@ class FeatureBiLSTM(FeatureProbe):
         super().check_config(config)
         if config.pooling not in POOLINGS:
             raise HarnessError(f"{cls.name}: pooling '{config.pooling}' is not one of {', '.join(POOLINGS)}")
-        if config.layers < 1:
-            raise HarnessError(f"{cls.name}: layers must be at least 1, got {config.layers}")
+        cls.require_positive(config, "layers")
 
     def build_model(self, input_size, num_labels):
         c = self.config

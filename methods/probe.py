@@ -99,9 +99,7 @@ class FeatureProbe(Method):
         name = cls.name
         if config.input not in INPUTS:
             raise HarnessError(f"{name}: input '{config.input}' is not one of {', '.join(INPUTS)}")
-        for field in ("hidden_size", "epochs", "batch_size", "query_batch"):
-            if getattr(config, field) < 1:
-                raise HarnessError(f"{name}: {field} must be at least 1, got {getattr(config, field)}")
+        cls.require_positive(config, "hidden_size", "epochs", "batch_size", "query_batch")
         if not 0 <= config.dropout < 1:
             raise HarnessError(f"{name}: dropout must be in [0, 1), got {config.dropout}")
         if config.lr <= 0 or config.weight_decay < 0:

@@ -20,6 +20,28 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def tiny(monkeypatch):
+    """The runner loads a tiny random GPT-2-like backbone whatever it is asked for; returns the names asked for."""
+    import harness.runner as runner
+
+    loads = []
+
+    def load(name, dtype="float32"):
+        loads.append(name)
+        return tiny_backbone("gpt2")
+
+    monkeypatch.setattr(runner, "load_backbone", load)
+    return loads
+
+
+@pytest.fixture
+def tiny_cli(tiny, monkeypatch):
+    """`tiny` for whole `harness run` commands: the backbone's identity is not read from its (absent) weights."""
+    monkeypatch.setattr("harness.cli.spec_identity", lambda name: {"source": "test", "name": name})
+    return tiny
+
+
 @pytest.fixture(scope="session")
 def gemma():
     from harness.backbones import load_backbone

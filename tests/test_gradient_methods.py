@@ -198,7 +198,7 @@ def test_flags_and_registration():
     gradient = [name for name, cls in registry().items() if cls.group == "gradient-based"]
     assert gradient == METHODS  # the papers' row order
     for name in gradient:  # the quick profile's budget comes with each method's config
-        assert get_method(name).config_class.for_profile("quick", "sst2") == {"steps": 200, "eval_every": 50}
+        assert get_method(name).config_class.for_profile("quick", "sst2") == {"steps": 100, "eval_every": 25}
     for name in gradient:
         cls = get_method(name)
         assert cls.as_a_service is False

@@ -6,7 +6,6 @@ import time
 
 import pytest
 
-import harness.runner as runner
 import methods
 from harness.cli import main
 from harness.errors import HarnessError
@@ -15,7 +14,6 @@ from harness.record import SCHEMA, Predictions, RunRecord
 from harness.settings import coerce, method_config, parse_sets
 from harness.store import ResultsStore, read_records
 from methods import registry
-from tests.conftest import tiny_backbone
 
 PLUGIN = '''
 """An outside package's method: the majority label of the train split (a black-box method that sends nothing)."""
@@ -88,19 +86,6 @@ def install_plugin(root, monkeypatch):
         my-cards = my_plugin.cards
     """))
     monkeypatch.syspath_prepend(str(root))
-
-
-@pytest.fixture
-def tiny_cli(monkeypatch):
-    loads = []
-
-    def load(name, dtype="float32"):
-        loads.append(name)
-        return tiny_backbone("gpt2")
-
-    monkeypatch.setattr(runner, "load_backbone", load)
-    monkeypatch.setattr("harness.cli.spec_identity", lambda name: {"source": "test", "name": name})
-    return loads
 
 
 def test_an_installed_package_adds_a_method_and_task_cards_through_entry_points(
@@ -215,9 +200,12 @@ def test_other_data_files_make_new_runs(tmp_path, shared_data, tiny_cli):
 
 
 def test_records_round_trip_and_older_records_stay_readable(tmp_path):
-    predictions = Predictions.of([3, 4, 5, 9, 10, 20], [0, 1, 1, 13, 2, 0])
+    predictions = Predictions.of([3, 4, 5, 9, 10, 20], [0, 1, 1, 13, 2, 0], [0, 1, 0, 13, 3, 0])
     assert predictions.rows == [[3, 6], [9, 11], [20, 21]] and predictions.labels == "011d20"
     assert predictions.row_ids() == [3, 4, 5, 9, 10, 20] and predictions.label_ids().tolist() == [0, 1, 1, 13, 2, 0]
+    assert predictions.gold == "010d30" and predictions.gold_ids().tolist() == [0, 1, 0, 13, 3, 0]
+    with pytest.raises(ValueError, match="5 gold labels"):
+        Predictions.of([3, 4, 5, 9, 10, 20], [0, 1, 1, 13, 2, 0], [0, 1, 0, 13, 3])
     old = {  # a schema-1 record, as the committed reports hold them: no schema, no identities, no predictions
         "run_id": "0123456789abcdef", "status": "ok", "method": "manual", "task": "sst2", "seed": 42,
         "backbone": "gemma3-270m", "profile": "quick", "config_hash": "x", "group": "gradient-free",
@@ -246,7 +234,7 @@ def test_settings_are_read_by_their_fields_type():
         with pytest.raises(HarnessError):
             coerce("x", kind, value)
     lora = method_config("lora", get_profile("quick"), "sst2", {"lora": {"target_modules": "q_proj,v_proj", "r": "4"}})
-    assert lora.target_modules == ["q_proj", "v_proj"] and lora.r == 4 and lora.steps == 200  # quick's value stays
+    assert lora.target_modules == ["q_proj", "v_proj"] and lora.r == 4 and lora.steps == 100  # quick's value stays
 
 
 @pytest.mark.parametrize("name", list(registry()))

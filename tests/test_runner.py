@@ -21,18 +21,6 @@ from tests.conftest import tiny_backbone
 PROFILE = get_profile("quick")
 
 
-@pytest.fixture
-def tiny(monkeypatch):
-    loads = []
-
-    def load(name, dtype="float32"):
-        loads.append(name)
-        return tiny_backbone("gpt2")
-
-    monkeypatch.setattr(runner, "load_backbone", load)
-    return loads
-
-
 def grid(tmp_path, shared_data, tasks=("sst2", "rte"), seeds=(13, 42)):
     specs = runner.expand(["manual"], list(tasks), list(seeds), "tiny-gpt2", PROFILE)
     store = ResultsStore(tmp_path)
@@ -143,18 +131,20 @@ def test_an_interrupted_bbt_run_resumes_in_the_next_grid_and_counts_its_whole_ti
     assert "- resumed runs (‡): interrupted, then resumed from a mid-run checkpoint: bbt/sst2/seed13 at 20 calls" in text
 
 
-def test_the_paper_profile_gives_dbpedia_20000_calls_and_quick_keeps_its_caps():
+def test_the_paper_profile_gives_dbpedia_20000_calls_and_quick_its_own_budgets():
     """The reference README recommends 20,000 calls for DBpedia; the override lands in the spec (so in the run id)
-    and only there. The quick profile's method-wide caps win over it."""
-    def configs(profile):
-        specs = runner.expand(["bbt", "bbtv2"], ["sst2", "dbpedia"], [42], "gemma3-270m", get_profile(profile))
-        return {(s.method, s.task): s.config for s in specs}
+    and only there. The quick profile's per-task budgets win over its method-wide one, and never the paper's."""
+    def specs(profile):
+        found = runner.expand(["bbt", "bbtv2"], ["sst2", "agnews", "dbpedia", "rte"], [42], "gemma3-270m", get_profile(profile))
+        return {(s.method, s.task): s for s in found}
 
-    paper, quick = configs("paper"), configs("quick")
-    assert [paper[m, "dbpedia"]["budget"] for m in ("bbt", "bbtv2")] == [20000, 20000]
-    assert [paper[m, "sst2"]["budget"] for m in ("bbt", "bbtv2")] == [8000, 8000]
-    assert quick["bbt", "dbpedia"]["budget"] == 200 and quick["bbtv2", "dbpedia"]["rounds"] == 1
-    assert quick["bbt", "dbpedia"] == quick["bbt", "sst2"]
+    paper, quick = specs("paper"), specs("quick")
+    assert [paper[m, "dbpedia"].config["budget"] for m in ("bbt", "bbtv2")] == [20000, 20000]
+    assert [paper[m, "sst2"].config["budget"] for m in ("bbt", "bbtv2")] == [8000, 8000]
+    assert [quick["bbt", t].config["budget"] for t in ("sst2", "agnews", "dbpedia", "rte")] == [600, 300, 200, 200]
+    assert {quick["bbtv2", t].config["rounds"] for t in ("sst2", "dbpedia")} == {1}
+    assert quick["bbtv2", "sst2"].config == quick["bbtv2", "rte"].config  # BBT's per-task budgets are BBT's own
+    assert [quick["bbt", t].k_shot for t in ("sst2", "dbpedia")] == [16, 4] and paper["bbt", "dbpedia"].k_shot == 16
 
 
 def test_half_precision_serves_black_box_methods_and_autocasts_gradient_ones(tmp_path, shared_data, monkeypatch):

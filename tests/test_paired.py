@@ -1,0 +1,106 @@
+"""Paired tests from stored predictions, the report's marks, its departures line and the matched-budget figures."""
+
+from math import comb
+
+import numpy as np
+import pytest
+
+from harness.paired import mcnemar, pair_runs, permutation
+from harness.record import Predictions, RunRecord, RunSpec
+from harness.report import render, write_report
+
+
+def record(method, task, seed, preds, gold, metric="accuracy", group="gradient-free", config=None, trace=None,
+           cap=None, positive=None, rows=None):
+    spec = RunSpec(method, task, seed, "tiny-gpt2", 16, cap, config or {})
+    rows = list(range(len(gold))) if rows is None else rows
+    predictions = Predictions.of(rows, preds, gold, positive)
+    gold, preds = np.asarray(gold), np.asarray(preds)
+    score = 100 * float(np.mean(gold == preds))
+    return RunRecord(
+        spec.run_id, "ok", spec, 1.0, profile="quick", group=group, metric=metric, tunable_parameters=0,
+        metrics={"score": score}, meters={"wall_s": 1.0, "fit_s": 1.0, "device": "cpu:x86_64 x2"},
+        split={"eval_size": len(gold), "eval_full_size": len(gold), "caveats": {}, "train_size": 32},
+        versions={}, trace=trace, predictions=predictions,
+    )
+
+
+def test_mcnemar_is_the_exact_binomial_test_on_the_discordant_rows():
+    # 10 rows only a got right, 2 only b, 88 both: two-sided, 2 * P(X >= 10) for X ~ Bin(12, 1/2)
+    a = np.array([True] * 10 + [False] * 2 + [True] * 88)
+    b = np.array([False] * 10 + [True] * 2 + [True] * 88)
+    expected = 2 * sum(comb(12, k) for k in range(10, 13)) / 2**12
+    assert mcnemar(a, b) == pytest.approx(expected)
+    assert mcnemar(a, a) == 1.0  # no discordant row: no evidence either way
+    assert mcnemar(b, a) == pytest.approx(expected)
+
+
+def test_the_f1_permutation_test_tells_a_real_difference_from_none():
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 2, 200)
+    good = np.where(rng.random(200) < 0.9, gold, 1 - gold)
+    assert permutation(gold, good, good, positive=1) == 1.0
+    assert permutation(gold, good, np.zeros(200, dtype=int), positive=1) < 0.001
+    noisy = np.where(rng.random(200) < 0.02, 1 - good, good)  # a few rows flipped: no real difference
+    assert permutation(gold, good, noisy, positive=1) > 0.05
+
+
+def test_runs_pair_row_by_row_pooled_over_seeds_and_with_a_zero_shot_methods_only_run():
+    gold = [0, 1] * 50
+    manual = record("manual", "sst2", 13, [0] * 100, gold)  # right on the 50 zeros
+    better = [record("bbt", "sst2", s, gold[:90] + [1 - g for g in gold[90:]], gold) for s in (13, 42)]
+    result = pair_runs(better, [manual])
+    assert result.rows == 200 and result.difference == pytest.approx(40.0)
+    assert result.significant and result.test == "McNemar"
+    # rows are matched by id, not by position: the same predictions listed over other row ids pair nowhere
+    elsewhere = record("manual", "sst2", 13, [0] * 100, gold, rows=list(range(1000, 1100)))
+    assert pair_runs(better, [elsewhere]) is None
+    with pytest.raises(ValueError, match="gold label"):
+        pair_runs(better, [record("manual", "sst2", 13, [0] * 100, [1 - g for g in gold])])
+
+
+def test_f1_tasks_pair_on_f1():
+    gold = [1, 0] * 60
+    a = record("bbt", "mrpc", 42, gold, gold, metric="f1", positive=1)
+    b = record("manual", "mrpc", 42, [1] * 120, gold, metric="f1", positive=1)
+    result = pair_runs([a], [b])
+    assert result.test == "permutation" and result.difference == pytest.approx(100 * (1 - 2 / 3))
+
+
+def test_the_report_marks_significant_cells_and_says_where_the_profile_departs(tmp_path):
+    gold = [0, 1] * 100
+    runs = [
+        record("manual", "sst2", 42, [0] * 200, gold, cap=400),
+        record("bbt", "sst2", 42, gold, gold, config={"budget": 300}, cap=400),  # 100% vs 50%
+        record("icl", "sst2", 42, [0] * 198 + [1, 1], gold, cap=400),  # one row apart from manual
+    ]
+    text = render(runs)
+    comparison = text.split("### Comparison")[1].split("###")[0]
+    cells = {row[1]: row[3] for row in ([c.strip() for c in line.split("|")[1:-1]] for line in comparison.splitlines()
+                                        if line.startswith("| gradient"))}
+    assert cells == {"manual": "50.00", "icl": "50.00", "bbt": "100.00 ▲"}  # icl: two rows apart, no mark
+    assert "bbt − manual" in text and "+50.00 (p < 0.001) ▲" in text
+    assert "eval capped at 400 rows per task" in text and "1 split (seed 42), not the papers' 3" in text
+    assert "bbt on sst2: budget 300 (paper 8000)" in text
+
+
+def test_legacy_records_without_gold_labels_are_not_paired():
+    gold = [0, 1] * 20
+    old = record("manual", "sst2", 42, [0] * 40, gold)
+    old = RunRecord(**{**old.__dict__, "predictions": Predictions(old.predictions.rows, old.predictions.labels)})
+    assert pair_runs([record("bbt", "sst2", 42, gold, gold)], [old]) is None
+
+
+def test_the_matched_budget_figure_puts_calls_and_steps_on_one_axis(tmp_path):
+    from harness.report import _spent
+
+    gold = [0, 1] * 10
+    bbt = record("bbt", "sst2", 42, gold, gold, trace={
+        "calls": 200, "train": [{"calls": 100, "best_loss": 1.0}], "dev": [{"calls": 100, "metric": 60.0}, {"calls": 200, "metric": 70.0}]})
+    lora = record("lora", "sst2", 42, gold, gold, group="gradient-based", config={"batch_size": 8}, trace={
+        "dev": [{"step": 50, "dev_score": 80.0}]})
+    assert _spent(bbt) == [(3200, 60.0), (6400, 70.0)]  # a call forwards the 32-example train set
+    assert _spent(lora) == [(400, 80.0)]  # a step forwards a batch of 8
+    write_report([bbt, lora], tmp_path / "results.md")
+    assert (tmp_path / "budget-tiny-gpt2-sst2.png").stat().st_size > 0
+    assert "![budget-tiny-gpt2-sst2](budget-tiny-gpt2-sst2.png)" in (tmp_path / "results.md").read_text()
