@@ -526,6 +526,7 @@ def budget_figures(records: list[RunRecord], folder: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     groups: dict[tuple[str, str], list[RunRecord]] = {}
     for r in records:
@@ -540,6 +541,9 @@ def budget_figures(records: list[RunRecord], folder: Path) -> list[Path]:
             ax.plot([x for x, _ in points], [y for _, y in points], style, marker="o", markersize=3,
                     label=f"{r.method} seed {r.seed}, {r.profile}, {r.dtype}")
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(_calls_label))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set(xlabel="training examples forwarded (a gradient step also backpropagates its batch)",
                ylabel=f"dev {runs[0].metric}", title=f"{backbone}, {task}: dev metric by forwards spent")
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
