@@ -56,13 +56,11 @@ def permutation(gold: np.ndarray, a: np.ndarray, b: np.ndarray, positive: int, s
 
 
 def _f1_rows(gold: np.ndarray, pred: np.ndarray, positive: int) -> np.ndarray:
-    """F1 along the last axis (one value per resample)."""
-    pred = np.atleast_2d(pred)
+    """F1 along the last axis: one value for one prediction vector, one per row for a batch of resamples."""
     tp = np.sum((pred == positive) & (gold == positive), axis=-1)
     predicted, actual = np.sum(pred == positive, axis=-1), np.sum(gold == positive)
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(tp > 0, 2 * tp / (predicted + actual), 0.0)
-    return out if out.shape[0] > 1 else out[0]
+        return np.where(tp > 0, 2 * tp / (predicted + actual), 0.0)
 
 
 def _rows(record: RunRecord) -> dict[int, tuple[int, int]] | None:

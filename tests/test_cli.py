@@ -80,7 +80,7 @@ def test_report_draws_convergence_figures_and_the_versatility_table(tmp_path, sh
     monkeypatch.setattr("harness.cli.spec_identity", lambda name: {"source": "test", "name": name})
     report = tmp_path / "out" / "report.md"
     common = ["--datasets", "sst2", "--eval-cap", "20", "--data-dir", str(shared_data), "--results-dir", str(tmp_path),
-              "--report", str(report)]
+              "--report", str(report), "--set", "bbt.budget=200"]  # not quick's 600 on sst2: the figures need few calls
     assert main(["run", "--methods", "bbt,bbtv2", "--backbone", "tiny-gpt2", *common]) == 0
     assert main(["run", "--methods", "bbt", "--backbone", "tiny-roberta", *common]) == 0
     png = tmp_path / "out" / "convergence-tiny-gpt2-sst2.png"
