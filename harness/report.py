@@ -306,6 +306,10 @@ def _measured(part: pd.DataFrame, by_task: dict) -> dict:
     }
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def _shots(frame: pd.DataFrame) -> str:
     """"16-shot", or "16-shot; dbpedia 4-shot" where a task's runs used other shots per class."""
     usual = int(frame["k_shot"].mode().iloc[0])
@@ -319,7 +323,7 @@ def provenance(frame: pd.DataFrame) -> str:
         f"- backbone: {', '.join(sorted(frame['backbone'].unique()))}",
         f"- device: {', '.join(sorted(frame['device'].unique()))}; compute dtype: {', '.join(sorted(frame['dtype'].unique()))}",
         f"- profile: {', '.join(sorted(frame['profile'].unique()))}",
-        f"- runs: {len(frame)} ({frame['method'].nunique()} methods × {frame['task'].nunique()} tasks, seeds "
+        f"- runs: {len(frame)} ({_count(frame['method'].nunique(), 'method')} × {_count(frame['task'].nunique(), 'task')}, seeds "
         f"{', '.join(str(s) for s in sorted(frame['seed'].unique()))})",
     ]
     versions = sorted({", ".join(f"{k} {v}" for k, v in sorted(r.items())) for r in frame["versions"]})
