@@ -451,7 +451,7 @@ def render(records: list[RunRecord]) -> str:
             f"## {backbone}, profile `{profile}`, {dtype}",
             provenance(part),
             f"### Comparison ({_shots(part)}; mean ± std over seeds; mrpc is F1; {BETTER.strip()} / {WORSE.strip()}: "
-            "above / below the manual prompt in a paired test, p < 0.05)",
+            f"above / below the manual prompt in a paired test, p < {ALPHA})",
             comparison_table(part),
             *(["### Paired tests", table] if (table := paired_table(part)) else []),
             "### Cost",
