@@ -89,12 +89,17 @@ def _ordered_tasks(tasks) -> list[str]:
     return [t for t in TASK_ORDER if t in set(tasks)] + sorted(set(tasks) - set(TASK_ORDER))
 
 
-def _method_order(frame: pd.DataFrame) -> list[str]:
+def _rank(method: str) -> int:
+    """A method's place in the registry's order (the papers' row order; plug-ins after); unknown methods last."""
     from methods import registry
 
-    known = list(registry())  # registration order: the papers' row order
+    known = list(registry())
+    return known.index(method) if method in known else len(known)
+
+
+def _method_order(frame: pd.DataFrame) -> list[str]:
     groups = frame.groupby("method")["group"].first()
-    return sorted(groups.index, key=lambda m: (GROUP_ORDER.index(groups[m]), known.index(m) if m in known else 99, m))
+    return sorted(groups.index, key=lambda m: (GROUP_ORDER.index(groups[m]), _rank(m), m))
 
 
 def _cell(scores: pd.Series) -> str:
@@ -137,11 +142,10 @@ def _params(n: int) -> str:
     return str(int(n))
 
 
-def comparison_table(frame: pd.DataFrame) -> str:
+def comparison_table(frame: pd.DataFrame, tests: dict[tuple[str, str], Paired]) -> str:
     """Methods x tasks, mean ± std over seeds, with the tunable parameters and the average over tasks; ▲ / ▼ where
-    a paired test puts the method above / below the manual prompt."""
+    a paired test (`tests`, from paired_tests against the manual prompt) puts the method above / below it."""
     tasks = _ordered_tasks(frame["task"])
-    tests = paired_tests(frame, BASELINE)
     rows = []
     for method in _method_order(frame):
         part = frame[frame["method"] == method]
@@ -183,13 +187,13 @@ def _p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
-def paired_table(frame: pd.DataFrame) -> str | None:
-    """Each method against the manual prompt (and BBTv2 against BBT): the difference in points on the same rows
-    and its p-value."""
+def paired_table(frame: pd.DataFrame, against_baseline: dict[tuple[str, str], Paired]) -> str | None:
+    """Each method against the manual prompt (`against_baseline`: paired_tests against it) and BBTv2 against BBT:
+    the difference in points on the same rows and its p-value."""
     tasks = _ordered_tasks(frame["task"])
     rows = []
     for against, methods in [(BASELINE, None), *[(b, [a]) for a, b in CONTRASTS]]:
-        tests = paired_tests(frame, against, methods)
+        tests = against_baseline if methods is None else paired_tests(frame, against, methods)
         for method in methods or _method_order(frame):
             if method == against or not any((method, t) in tests for t in tasks):
                 continue
@@ -447,13 +451,14 @@ def render(records: list[RunRecord]) -> str:
     # runs in different dtypes are different runs (the dtype is in the spec): never averaged together, here or in
     # the versatility table
     for (backbone, profile, dtype), part in frame.groupby(["backbone", "profile", "dtype"]):
+        against_manual = paired_tests(part, BASELINE)  # the comparison's marks and the paired table share them
         sections += [
             f"## {backbone}, profile `{profile}`, {dtype}",
             provenance(part),
             f"### Comparison ({_shots(part)}; mean ± std over seeds; mrpc is F1; {BETTER.strip()} / {WORSE.strip()}: "
             f"above / below the manual prompt in a paired test, p < {ALPHA})",
-            comparison_table(part),
-            *(["### Paired tests", table] if (table := paired_table(part)) else []),
+            comparison_table(part, against_manual),
+            *(["### Paired tests", table] if (table := paired_table(part, against_manual)) else []),
             "### Cost",
             cost_table(part),
             "### Beside the published numbers",
@@ -479,8 +484,7 @@ def convergence_figures(records: list[RunRecord], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    traced = [r for r in records if r.ok and (r.trace or {}).get("train")]
-    traced = [r for r in traced if "best_loss" in r.trace["train"][0]]
+    traced = [r for r in records if r.ok and _searched_by_calls(r)]
     groups: dict[tuple[str, str], list[RunRecord]] = {}
     for r in traced:
         groups.setdefault((r.backbone, r.task), []).append(r)
@@ -511,11 +515,17 @@ def convergence_figures(records: list[RunRecord], folder: Path) -> list[Path]:
     return paths
 
 
+def _searched_by_calls(r: RunRecord) -> bool:
+    """A BBT / BBTv2 record: its trace has the best train loss by API call."""
+    train = (r.trace or {}).get("train")
+    return bool(train) and "best_loss" in train[0]
+
+
 def _spent(r: RunRecord) -> list[tuple[int, float]] | None:
     """(training examples forwarded, dev metric) at each dev check of a search by API call (one call forwards the
     whole train set) or a gradient method (one step forwards, and backpropagates, a batch); None for the rest."""
     trace, train_size = r.trace or {}, r.split.get("train_size") or 0
-    if trace.get("train") and "best_loss" in trace["train"][0]:
+    if _searched_by_calls(r):
         return [(d["calls"] * train_size, d["metric"]) for d in trace["dev"]]
     if r.group == "gradient-based" and trace.get("dev"):
         batch = r.spec.config.get("batch_size", 0)
@@ -557,13 +567,6 @@ def budget_figures(records: list[RunRecord], folder: Path) -> list[Path]:
         plt.close(figure)
         paths.append(path)
     return paths
-
-
-def _rank(method: str) -> int:
-    from methods import registry
-
-    cls = registry().get(method)
-    return cls.rank if cls else 999
 
 
 def write_report(records: list[RunRecord], out: str | Path) -> Path:

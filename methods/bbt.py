@@ -80,7 +80,7 @@ class BBTv2Config(BBTConfig):
     )
 
     profiles = {"quick": {"rounds": 1, "eval_every": 60}}  # one generation per layer: 18 x 20 calls on Gemma
-    task_profiles = {"paper": {"dbpedia": {"budget": 20000}}}
+    task_profiles = {"paper": BBTConfig.task_profiles["paper"]}  # BBT's quick budgets are not BBTv2's (rounds)
 
 
 class _BlackBoxPromptSearch(Method):

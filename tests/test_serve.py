@@ -122,7 +122,7 @@ def test_harness_run_over_http_records_the_service_and_refuses_gradient_methods(
     assert done.returncode == 0, done.stderr[-2000:]
     (record,) = read_records(tmp_path / "results" / "results.jsonl")
     assert record.backbone == "tiny-gpt2" and record.spec.backbone_id  # the server's identity names the weights
-    assert record.service["transport"] == "http" and record.service["transport"] == "http"
+    assert record.service["transport"] == "http"
     assert record.service["url"] == server and record.backbone_identity["name"] == "tiny-gpt2"
     assert record.meters["client_rss_peak_mb"] > 0 and record.meters["server_peak_rss_mb"] > 0
     assert record.queries["eval"]["wire_down_per_query_bytes"] > 0
