@@ -11,8 +11,8 @@ from harness.report import render, write_report
 
 
 def record(method, task, seed, preds, gold, metric="accuracy", group="gradient-free", config=None, trace=None,
-           cap=None, positive=None, rows=None):
-    spec = RunSpec(method, task, seed, "tiny-gpt2", 16, cap, config or {})
+           cap=None, positive=None, rows=None, k_shot=16):
+    spec = RunSpec(method, task, seed, "tiny-gpt2", k_shot, cap, config or {})
     rows = list(range(len(gold))) if rows is None else rows
     predictions = Predictions.of(rows, preds, gold, positive)
     gold, preds = np.asarray(gold), np.asarray(preds)
@@ -73,6 +73,7 @@ def test_the_report_marks_significant_cells_and_says_where_the_profile_departs(t
         record("manual", "sst2", 42, [0] * 200, gold, cap=400),
         record("bbt", "sst2", 42, gold, gold, config={"budget": 300}, cap=400),  # 100% vs 50%
         record("icl", "sst2", 42, [0] * 198 + [1, 1], gold, cap=400),  # one row apart from manual
+        record("manual", "dbpedia", 42, [0] * 200, gold, cap=400, k_shot=4),
     ]
     text = render(runs)
     comparison = text.split("### Comparison")[1].split("###")[0]
@@ -82,6 +83,7 @@ def test_the_report_marks_significant_cells_and_says_where_the_profile_departs(t
     assert "bbt − manual" in text and "+50.00 (p < 0.001) ▲" in text
     assert "eval capped at 400 rows per task" in text and "1 split (seed 42), not the papers' 3" in text
     assert "bbt on sst2: budget 300 (paper 8000)" in text
+    assert "dbpedia: 4 shots per class (the papers: 16)" in text and "### Comparison (16-shot; dbpedia 4-shot;" in text
 
 
 def test_legacy_records_without_gold_labels_are_not_paired():
