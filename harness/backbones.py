@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from harness.errors import HarnessError, unknown_name
+from harness.meters import cpu_has_fast_bf16
 
 FAMILIES = ("clm", "mlm", "seq2seq")
 AUTO_CLASS = {"clm": "AutoModelForCausalLM", "mlm": "AutoModelForMaskedLM", "seq2seq": "AutoModelForSeq2SeqLM"}
@@ -195,14 +196,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there, bf16 matrix products run
-    several times faster than float32 (about 5x on the AMD EPYC this project is developed on); elsewhere they are
-    emulated and slower. torch exposes the check only under torch.cpu's private names, hence the guard."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def resolve_dtype(name: str = "auto", device: str | None = None) -> str:

@@ -24,10 +24,19 @@ import psutil
 import torch
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there, bf16 matrix products run
+    faster than float32 (BBT's calls 2.3x on a 2-core Xeon with AMX, sst2); elsewhere they are emulated, about 3x
+    slower than native. torch exposes the check only under torch.cpu's private names, hence the guard."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def device_description() -> str:
+    """The device a figure came from; a CPU says whether it has native bf16, which changes speeds about 3x."""
     if torch.cuda.is_available():
         return f"cuda:{torch.cuda.get_device_name(0)}"
-    return f"cpu:{platform.machine()} x{psutil.cpu_count()}"
+    return f"cpu:{platform.machine()} x{psutil.cpu_count()}" + (" bf16" if cpu_has_fast_bf16() else "")
 
 
 class _NvmlSampler:

@@ -6,6 +6,7 @@ Every table says which backbone, device, profile and package versions it comes f
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -24,14 +25,19 @@ def _device(meters: dict) -> str:
     """The device, and on a CPU the threads torch used where they were fewer than the cores: a run given one
     thread beside another run takes longer, and its train time should say why."""
     device, threads = meters["device"], meters.get("torch_threads")
-    cores = device.rsplit(" x", 1)[-1] if device.startswith("cpu:") else None
-    if threads and cores and cores.isdigit() and threads < int(cores):
+    cores = re.search(r" x(\d+)", device) if device.startswith("cpu:") else None
+    if threads and cores and threads < int(cores[1]):
         return f"{device} ({threads} thread{'s' * (threads > 1)})"
     return device
 
 
+CELL = ["backbone", "profile", "dtype", "method", "task", "seed"]
+
+
 def load_frame(records: list[RunRecord]) -> pd.DataFrame:
-    """One row per finished run (the latest record of each run id)."""
+    """One row per finished run (the latest record of each run id). A legacy (schema-1) record gives way to a
+    current one of the same backbone, profile, dtype, method, task and seed: its run id cannot say it is the same
+    run, and averaging the two as if they were two seeds would mix old code with new."""
     ok = {r.run_id: r for r in records if r.ok}
     rows = []
     for r in ok.values():
@@ -82,7 +88,13 @@ def load_frame(records: list[RunRecord]) -> pd.DataFrame:
                 "record": r,
             }
         )
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    current = set(frame.loc[~frame["legacy"], CELL].itertuples(index=False, name=None))
+    superseded = frame["legacy"] & pd.Series([tuple(c) in current for c in frame[CELL].itertuples(index=False, name=None)],
+                                              index=frame.index)
+    return frame[~superseded].reset_index(drop=True)
 
 
 def _ordered_tasks(tasks) -> list[str]:

@@ -93,6 +93,23 @@ def test_legacy_records_without_gold_labels_are_not_paired():
     assert pair_runs([record("bbt", "sst2", 42, gold, gold)], [old]) is None
 
 
+def test_a_current_record_supersedes_a_legacy_one_of_the_same_cell_only():
+    from harness.report import load_frame
+
+    gold = [0, 1] * 20
+
+    def legacy(method, seed, preds):
+        r = record(method, "sst2", seed, preds, gold)
+        return RunRecord(**{**r.__dict__, "run_id": f"old-{method}-{seed}", "schema": 1, "predictions": None})
+
+    runs = [legacy("bbt", 42, [0] * 40), legacy("bbt", 13, [0] * 40), legacy("icl", 42, [0] * 40),
+            record("bbt", "sst2", 42, gold, gold)]
+    frame = load_frame(runs)
+    kept = sorted(zip(frame["method"], frame["seed"], frame["legacy"], frame["score"]))
+    # bbt seed 42 is the current record alone (100, not the mean with the old 50); other cells keep their legacy record
+    assert kept == [("bbt", 13, True, 50.0), ("bbt", 42, False, 100.0), ("icl", 42, True, 50.0)]
+
+
 def test_the_matched_budget_figure_puts_calls_and_steps_on_one_axis(tmp_path):
     from harness.report import _spent
 

@@ -276,6 +276,7 @@ def test_a_cpu_run_on_fewer_threads_than_cores_says_so():
     assert _device({"device": "cpu:x86_64 x2", "torch_threads": 2}) == "cpu:x86_64 x2"
     assert _device({"device": "cuda:NVIDIA H200", "torch_threads": 1}) == "cuda:NVIDIA H200"
     assert _device({"device": "cpu:x86_64 x2"}) == "cpu:x86_64 x2"  # records from before threads were metered
+    assert _device({"device": "cpu:x86_64 x2 bf16", "torch_threads": 1}) == "cpu:x86_64 x2 bf16 (1 thread)"
 
 
 def test_a_report_keeps_its_published_records_and_takes_the_stores_newer_ones(tmp_path):
