@@ -15,6 +15,7 @@ import pandas as pd
 
 from harness.errors import HarnessError
 from harness.paired import ALPHA, RESAMPLES, Paired, pair_runs
+from harness.progress import duration
 from harness.record import RunRecord
 
 TASK_ORDER = ["sst2", "yelpp", "agnews", "dbpedia", "mrpc", "snli", "rte"]  # the papers' column order
@@ -340,7 +341,8 @@ def provenance(frame: pd.DataFrame) -> str:
         f"- device: {', '.join(sorted(frame['device'].unique()))}; compute dtype: {', '.join(sorted(frame['dtype'].unique()))}",
         f"- profile: {', '.join(sorted(frame['profile'].unique()))}",
         f"- runs: {len(frame)} ({_count(frame['method'].nunique(), 'method')} × {_count(frame['task'].nunique(), 'task')}, seeds "
-        f"{', '.join(str(s) for s in sorted(frame['seed'].unique()))})",
+        f"{', '.join(str(s) for s in sorted(frame['seed'].unique()))}); {duration(frame['wall_s'].sum())} of wall time in all "
+        "(the sum of the runs' own)",
     ]
     versions = sorted({", ".join(f"{k} {v}" for k, v in sorted(r.items())) for r in frame["versions"]})
     lines += [f"- packages: {v}" for v in versions]

@@ -82,6 +82,7 @@ def test_the_report_marks_significant_cells_and_says_where_the_profile_departs(t
     assert cells == {"manual": "50.00", "icl": "50.00", "bbt": "100.00 ▲"}  # icl: two rows apart, no mark
     assert "bbt − manual" in text and "+50.00 (p < 0.001) ▲" in text
     assert "eval capped at 400 rows per task" in text and "1 split (seed 42), not the papers' 3" in text
+    assert "seeds 42); 4s of wall time in all (the sum of the runs' own)" in text  # each record's wall_s is 1.0
     assert "bbt on sst2: budget 300 (paper 8000)" in text
     assert "dbpedia: 4 shots per class (the papers: 16)" in text and "### Comparison (16-shot; dbpedia 4-shot;" in text
 
