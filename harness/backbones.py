@@ -13,6 +13,8 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,11 +186,24 @@ def _convert_embedded(spec: BackboneSpec, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + ".tmp")
+    # a folder of its own: two processes converting at once (two `harness run`s, Ray actors on one machine) must
+    # not write into one another's files
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "identity.json").write_text(json.dumps({"gguf_file": spec.gguf_file, "gguf_sha256": sha}))
-    tmp.rename(target)  # atomic: a half-written cache is never taken for a finished one
+    publish_folder(tmp, target)
+
+
+def publish_folder(tmp: Path, target: Path) -> None:
+    """Move a finished folder into place atomically, so a half-written cache is never taken for a finished one. Where
+    another process got there first, its folder (as complete as ours) stays and ours is dropped."""
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

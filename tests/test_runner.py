@@ -2,10 +2,12 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
+import harness.backbones as backbones
 import harness.runner as runner
 from harness.backbones import resolve_dtype
 from harness.errors import HarnessError
@@ -185,6 +187,29 @@ def test_auto_dtype_on_a_cpu_is_bf16_only_where_the_cpu_multiplies_bf16_natively
     assert resolve_dtype("float32", "cpu") == "float32"  # a named dtype is taken as given
     with pytest.raises(HarnessError, match="unknown dtype 'fp8'"):
         resolve_dtype("fp8", "cpu")
+
+
+def test_two_processes_converting_the_embedded_backbone_at_once_both_go_on(tmp_path, monkeypatch):
+    # seen on a 2-core machine: two `harness run`s started together on an empty cache; the one that finished its
+    # conversion second could not rename its folder onto the first one's, and its run died
+    class Saved:  # stands in for the model and tokenizer the GGUF file gives
+        config = None
+
+        def save_pretrained(self, folder):
+            Path(folder).mkdir(exist_ok=True)  # as transformers' save_pretrained does
+            (Path(folder) / "weights").write_text(str(id(self)))
+
+    monkeypatch.setattr(backbones, "_gguf_path", lambda spec: tmp_path / "model.gguf")
+    monkeypatch.setattr(backbones, "_sha256", lambda path: "0" * 64)
+    monkeypatch.setattr(backbones, "_auto", lambda family: type("Auto", (), {"from_pretrained": lambda *a, **k: Saved()}))
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: Saved())
+    spec = replace(backbones.get_spec("gemma3-270m"), gguf_sha256=None)
+    target = tmp_path / "gemma3-270m"
+    backbones._convert_embedded(spec, target)
+    first = (target / "weights").read_text()
+    backbones._convert_embedded(spec, target)  # the slower process: began before the first had finished
+    assert (target / "weights").read_text() == first and json.loads((target / "identity.json").read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["gemma3-270m"]  # the loser's folder is not left behind
 
 
 def test_the_report_never_averages_runs_of_different_dtypes(tmp_path, shared_data, tiny):
