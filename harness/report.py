@@ -92,10 +92,9 @@ def load_frame(records: list[RunRecord]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    current = set(frame.loc[~frame["legacy"], CELL].itertuples(index=False, name=None))
-    superseded = frame["legacy"] & pd.Series([tuple(c) in current for c in frame[CELL].itertuples(index=False, name=None)],
-                                              index=frame.index)
-    return frame[~superseded].reset_index(drop=True)
+    cells = list(zip(frame[CELL].itertuples(index=False, name=None), frame["legacy"]))
+    current = {cell for cell, legacy in cells if not legacy}
+    return frame[[not (legacy and cell in current) for cell, legacy in cells]].reset_index(drop=True)
 
 
 def _ordered_tasks(tasks) -> list[str]:
