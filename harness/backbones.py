@@ -189,9 +189,13 @@ def _convert_embedded(spec: BackboneSpec, target: Path) -> None:
     # a folder of its own: two processes converting at once (two `harness run`s, Ray actors on one machine) must
     # not write into one another's files
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "identity.json").write_text(json.dumps({"gguf_file": spec.gguf_file, "gguf_sha256": sha}))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "identity.json").write_text(json.dumps({"gguf_file": spec.gguf_file, "gguf_sha256": sha}))
+    except BaseException:  # a full disk, Ctrl-C: no half-written folder left in the cache for good
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     publish_folder(tmp, target)
 
 

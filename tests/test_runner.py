@@ -189,7 +189,7 @@ def test_auto_dtype_on_a_cpu_is_bf16_only_where_the_cpu_multiplies_bf16_natively
         resolve_dtype("fp8", "cpu")
 
 
-def test_two_processes_converting_the_embedded_backbone_at_once_both_go_on(tmp_path, monkeypatch):
+def test_two_conversions_of_the_embedded_backbone_at_once_both_go_on_and_a_failed_one_leaves_nothing(tmp_path, monkeypatch):
     # seen on a 2-core machine: two `harness run`s started together on an empty cache; the one that finished its
     # conversion second could not rename its folder onto the first one's, and its run died
     class Saved:  # stands in for the model and tokenizer the GGUF file gives
@@ -210,6 +210,14 @@ def test_two_processes_converting_the_embedded_backbone_at_once_both_go_on(tmp_p
     backbones._convert_embedded(spec, target)  # the slower process: began before the first had finished
     assert (target / "weights").read_text() == first and json.loads((target / "identity.json").read_text())
     assert [p.name for p in tmp_path.iterdir()] == ["gemma3-270m"]  # the loser's folder is not left behind
+
+    def full_disk(self, folder):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Saved, "save_pretrained", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        backbones._convert_embedded(spec, tmp_path / "other")
+    assert [p.name for p in tmp_path.iterdir()] == ["gemma3-270m"]  # nor a conversion's that failed half-way
 
 
 def test_the_report_never_averages_runs_of_different_dtypes(tmp_path, shared_data, tiny):
