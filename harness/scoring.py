@@ -403,13 +403,45 @@ class Scorer:
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
 
 
+def _common_opening(enc: Encoded) -> int:
+    """How many leading tokens all rows share, leaving each row at least its last real token to run."""
+    if enc.input_ids.shape[0] < 2:
+        return 0
+    limit = int(enc.attention_mask.sum(dim=1).min()) - 1
+    same = (enc.input_ids[:, :limit] == enc.input_ids[:1, :limit]).all(dim=0)
+    return int(same.int().cumprod(dim=0).sum())
+
+
 class CausalScorer(Scorer):
     family = "clm"
     share_prefix = True  # compute the prompt's keys and values once per candidate (see forward_label_logits)
 
 
+    min_shared = 32  # tokens: a shorter common opening is not worth a forward of its own
+
     def _read_positions(self, input_ids, attention_mask):
         return attention_mask.sum(dim=1) - 1  # right padding: the last real token
+
+    @torch.no_grad()
+    def label_logits(self, texts: list[str], label_ids: list[int], prompt: PromptBatch | None = None) -> torch.Tensor:
+        """Texts that open with the same tokens (ICL's demonstrations, ~375 tokens before a ~60-token input) run
+        that opening once: its keys and values, computed for one row, are repeated for every row, and only the
+        rest of each text runs on top. A causal LM's opening tokens cannot see what follows them, so this is the
+        plain forward's result (tests compare the two)."""
+        enc = self.encode(texts)
+        common = _common_opening(enc) if prompt is None and self.share_prefix else 0
+        window = getattr(self.model.config, "sliding_window", None)  # a cache past the window keeps only its end
+        if common < self.min_shared or (window and enc.input_ids.shape[1] > window):
+            return self.forward_label_logits(enc, label_ids, prompt)
+        from transformers import DynamicCache
+
+        body = self.model.base_model
+        cache = DynamicCache(config=self.model.config)
+        body(input_ids=enc.input_ids[:1, :common], **{_cache_kwarg(body): cache}, use_cache=True)
+        cache.batch_repeat_interleave(enc.input_ids.shape[0])
+        rest = enc.input_ids[:, common:]
+        hidden = body(input_ids=rest, attention_mask=enc.attention_mask, **{_cache_kwarg(body): cache}, use_cache=True)
+        return _restricted_head(self.model, self._rows(hidden.last_hidden_state, enc.read_at - common), label_ids)
 
     def _soft_label_logits(self, enc, label_ids, soft):
         return _restricted_head(self.model, self._body_hidden(enc, soft), label_ids)

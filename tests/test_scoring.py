@@ -82,3 +82,38 @@ def test_label_ids_are_first_subtokens_and_distinct(kind):
     assert label_token_ids(tokenizer, ["great movie"]) == label_token_ids(tokenizer, ["great"]) == [bare]
     with pytest.raises(HarnessError, match="share a first sub-token"):
         label_token_ids(tokenizer, ["great", "great movie"])
+
+
+@pytest.mark.parametrize("kind, window", [("gpt2", None), ("gemma3", None), ("gemma3", 24)])
+def test_texts_sharing_an_opening_run_it_once_and_score_as_the_full_forward(kind, window):
+    # ICL: the same demonstrations open every text; the opening's keys and values are computed once (a batch of 1)
+    backbone = tiny_backbone(kind)
+    if window:  # a sliding-window model whose texts pass the window: the cache would keep only its end
+        backbone.model.config.sliding_window = window
+    scorer = make_scorer(backbone)
+    demos = "the movie was great . it was good .\nbad film , dull and long . it was bad .\n" * 3
+    texts = [demos + t.replace(" {mask}", "") for t in TEXTS] + [demos + "ok"]
+    ids = label_token_ids(backbone.tokenizer, LABELS)
+    batches = []
+    handle = backbone.model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    got = scorer.label_logits(texts, ids)
+    handle.remove()
+    common = len(backbone.tokenizer(demos).input_ids) - 1  # the last demonstration token may merge with what follows
+    if window:
+        assert batches == [(4, batches[0][1])]  # the plain forward
+    else:
+        assert batches[0][0] == 1 and batches[0][1] >= common >= scorer.min_shared and batches[1][0] == 4
+    torch.testing.assert_close(got, reference_logits(backbone, texts, ids), rtol=1e-4, atol=1e-5)
+    # one text is the opening of the other: it still runs its last token on top of the shared part
+    pair = [demos + "bad film .", demos + "bad film . it was"]
+    torch.testing.assert_close(scorer.label_logits(pair, ids), reference_logits(backbone, pair, ids), rtol=1e-4, atol=1e-5)
+    # texts without a long common opening (the manual prompt's: the input comes first) take the plain forward
+    batches.clear()
+    handle = backbone.model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    scorer.label_logits([t + demos for t in TEXTS], ids)
+    handle.remove()
+    assert [b[0] for b in batches] == [3]
