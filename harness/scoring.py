@@ -407,16 +407,16 @@ def _common_opening(enc: Encoded) -> int:
     """How many leading tokens all rows share, leaving each row at least its last real token to run."""
     if enc.input_ids.shape[0] < 2:
         return 0
-    limit = int(enc.attention_mask.sum(dim=1).min()) - 1
+    limit = max(0, int(enc.attention_mask.sum(dim=1).min()) - 1)
     same = (enc.input_ids[:, :limit] == enc.input_ids[:1, :limit]).all(dim=0)
     return int(same.int().cumprod(dim=0).sum())
 
 
 class CausalScorer(Scorer):
     family = "clm"
-    share_prefix = True  # compute the prompt's keys and values once per candidate (see forward_label_logits)
-
-
+    # compute the keys and values of a black-box prompt once per candidate (see prompted_label_logits), and those
+    # of the texts' common opening once per query (see label_logits)
+    share_prefix = True
     min_shared = 32  # tokens: a shorter common opening is not worth a forward of its own
 
     def _read_positions(self, input_ids, attention_mask):
