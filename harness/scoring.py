@@ -437,10 +437,10 @@ class CausalScorer(Scorer):
 
         body = self.model.base_model
         cache = DynamicCache(config=self.model.config)
-        body(input_ids=enc.input_ids[:1, :common], **{_cache_kwarg(body): cache}, use_cache=True)
+        kwargs = {_cache_kwarg(body): cache, "use_cache": True}
+        body(input_ids=enc.input_ids[:1, :common], **kwargs)
         cache.batch_repeat_interleave(enc.input_ids.shape[0])
-        rest = enc.input_ids[:, common:]
-        hidden = body(input_ids=rest, attention_mask=enc.attention_mask, **{_cache_kwarg(body): cache}, use_cache=True)
+        hidden = body(input_ids=enc.input_ids[:, common:], attention_mask=enc.attention_mask, **kwargs)
         return _restricted_head(self.model, self._rows(hidden.last_hidden_state, enc.read_at - common), label_ids)
 
     def _soft_label_logits(self, enc, label_ids, soft):

@@ -99,21 +99,17 @@ def test_texts_sharing_an_opening_run_it_once_and_score_as_the_full_forward(kind
         lambda module, args, kwargs: batches.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
     got = scorer.label_logits(texts, ids)
-    handle.remove()
     common = len(backbone.tokenizer(demos).input_ids) - 1  # the last demonstration token may merge with what follows
     if window:
         assert batches == [(4, batches[0][1])]  # the plain forward
     else:
         assert batches[0][0] == 1 and batches[0][1] >= common >= scorer.min_shared and batches[1][0] == 4
+    # texts without a long common opening (the manual prompt's: the input comes first) take the plain forward
+    batches.clear()
+    scorer.label_logits([t + demos for t in TEXTS], ids)
+    handle.remove()
+    assert [b[0] for b in batches] == [3]
     torch.testing.assert_close(got, reference_logits(backbone, texts, ids), rtol=1e-4, atol=1e-5)
     # one text is the opening of the other: it still runs its last token on top of the shared part
     pair = [demos + "bad film .", demos + "bad film . it was"]
     torch.testing.assert_close(scorer.label_logits(pair, ids), reference_logits(backbone, pair, ids), rtol=1e-4, atol=1e-5)
-    # texts without a long common opening (the manual prompt's: the input comes first) take the plain forward
-    batches.clear()
-    handle = backbone.model.base_model.register_forward_pre_hook(
-        lambda module, args, kwargs: batches.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
-    )
-    scorer.label_logits([t + demos for t in TEXTS], ids)
-    handle.remove()
-    assert [b[0] for b in batches] == [3]
