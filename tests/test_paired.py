@@ -87,6 +87,23 @@ def test_the_report_marks_significant_cells_and_says_where_the_profile_departs(t
     assert "dbpedia: 4 shots per class (the papers: 16)" in text and "### Comparison (16-shot; dbpedia 4-shot;" in text
 
 
+def test_the_cost_table_gives_each_task_its_device_where_they_differ():
+    from harness.report import cost_table, load_frame
+
+    gold = [0, 1] * 20
+
+    def on(task, threads):
+        r = record("bbt", task, 42, gold, gold)
+        return RunRecord(**{**r.__dict__, "meters": {**r.meters, "torch_threads": threads}})
+
+    def device_cell(runs):
+        table = cost_table(load_frame(runs))
+        return [c.strip() for c in table.splitlines()[-1].split("|")[1:-1]][3]
+
+    assert device_cell([on("sst2", 2), on("agnews", 1)]) == "cpu:x86_64 x2 (2 threads) / cpu:x86_64 x2 (1 thread)"
+    assert device_cell([on("sst2", 1), on("agnews", 1)]) == "cpu:x86_64 x2 (1 thread)"
+
+
 def test_legacy_records_without_gold_labels_are_not_paired():
     gold = [0, 1] * 20
     old = record("manual", "sst2", 42, [0] * 40, gold)

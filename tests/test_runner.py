@@ -302,11 +302,11 @@ def test_the_seeds_column_names_a_task_that_ran_other_seeds():
     assert _seeds(runs[runs["task"] != "sst2"], ["sst2", "agnews", "rte"]) == "42"
 
 
-def test_a_cpu_run_on_fewer_threads_than_cores_says_so():
+def test_a_cpu_run_says_how_many_threads_it_had():
     from harness.report import _device
 
     assert _device({"device": "cpu:x86_64 x2", "torch_threads": 1}) == "cpu:x86_64 x2 (1 thread)"
-    assert _device({"device": "cpu:x86_64 x2", "torch_threads": 2}) == "cpu:x86_64 x2"
+    assert _device({"device": "cpu:x86_64 x2", "torch_threads": 2}) == "cpu:x86_64 x2 (2 threads)"
     assert _device({"device": "cuda:NVIDIA H200", "torch_threads": 1}) == "cuda:NVIDIA H200"
     assert _device({"device": "cpu:x86_64 x2"}) == "cpu:x86_64 x2"  # records from before threads were metered
     assert _device({"device": "cpu:x86_64 x2 bf16", "torch_threads": 1}) == "cpu:x86_64 x2 bf16 (1 thread)"
