@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +37,6 @@ class BackboneSpec:
     gguf_sha256: str = ""
     install_hint: str = ""
     notes: str = ""
-    aliases: tuple[str, ...] = field(default=())
 
 
 def _hub(name: str, family: str, model_id: str | None = None, notes: str = "") -> BackboneSpec:

@@ -29,7 +29,6 @@ import torch
 from harness.errors import HarnessError
 
 KINDS = ("pooled", "tokens")
-POOLING = {"mlm": "first token", "clm": "last real token", "seq2seq": "encoder mean over real tokens"}
 
 
 class TokenFeatures(NamedTuple):

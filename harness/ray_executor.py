@@ -15,7 +15,6 @@ on a filesystem the driver and every node share.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import traceback
 from collections import Counter, deque
@@ -55,9 +54,6 @@ class RunWorker:
         self.load = getattr(__import__(module, fromlist=[name]), name)
         self.data_dir, self.service_options, self.remote = data_dir, service_options, remote
         self.backbone, self.loaded, self.data = None, None, {}
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def run(self, spec: RunSpec, card, profile, checkpoint: str) -> RunRecord:
         from harness.data import load_task_data, make_split

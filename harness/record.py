@@ -41,10 +41,6 @@ class RunSpec:
     backbone_id: str = ""  # harness.backbones.backbone_key: the weights (GGUF sha256, hub id)
 
     @property
-    def config_hash(self) -> str:
-        return stable_hash(self.config)
-
-    @property
     def run_id(self) -> str:
         return stable_hash(asdict(self))
 

@@ -77,8 +77,6 @@ class Method:
     deployment_efficient: ClassVar[bool]  # one shared backbone serves every task
     uses_train: ClassVar[bool] = True  # False: no training data, so the result does not depend on the split seed
     rank: ClassVar[int] = 1000  # row order in reports (the papers' order for the built-in methods; plug-ins after)
-    # a derivative-free search over API calls: its trace's `calls` and dev curve go into the convergence figures
-    searches_by_calls: ClassVar[bool] = False
 
     @classmethod
     def check_config(cls, config: MethodConfig) -> None:

@@ -92,8 +92,6 @@ class _BlackBoxPromptSearch(Method):
     deployment_efficient = True
     deep = False
 
-    searches_by_calls = True
-
     @classmethod
     def check_config(cls, config):
         choices = {"loss": LOSSES, "mode": ("add", "cat"), "dist": ("normal", "uniform"), "send": ("z", "prompt")}
