@@ -408,7 +408,7 @@ def part_trained(frame: pd.DataFrame) -> dict[str, str]:
     if "trained" not in frame:
         return {}
     known = frame.dropna(subset=["trained"])
-    return {m: "; ".join(sorted(set(part["trained"]))) for m, part in known.groupby("method", sort=False)}
+    return {m: "; ".join(sorted(set(known.loc[known["method"] == m, "trained"]))) for m in _method_order(known)}
 
 
 def versatility_table(frame: pd.DataFrame) -> str | None:

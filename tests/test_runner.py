@@ -333,3 +333,14 @@ def test_a_report_keeps_its_published_records_and_takes_the_stores_newer_ones(tm
     # a side store's report sits beside it: the store is the report's records, left as it is (failures too)
     assert len(published(tmp_path / "local" / "results.md", store)) == 4
     assert len(store.records()) == 4
+
+
+def test_what_the_gradient_methods_trained_is_listed_in_the_tables_method_order():
+    import pandas as pd
+
+    from harness.report import part_trained
+
+    runs = pd.DataFrame({"method": ["prompt-tuning", "lora", "lora", "bitfit"], "group": "gradient-based",
+                         "trained": ["50 input vectors", "LoRA r=8", "LoRA r=8", None]})
+    assert list(part_trained(runs)) == ["lora", "prompt-tuning"]  # the registry's order, not the records'; none known for bitfit
+    assert part_trained(runs)["lora"] == "LoRA r=8"
