@@ -7,7 +7,7 @@ Every table says which backbone, device, profile and package versions it comes f
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pandas as pd
@@ -390,11 +390,14 @@ def departures(frame: pd.DataFrame) -> list[str]:
         by_change: dict[str, list[str]] = {}
         for r in frame[frame["method"] == method]["record"]:
             try:
-                theirs = asdict(method_config(method, paper, r.task, settings={}))
+                config = method_config(method, paper, r.task, settings={})
             except HarnessError:  # a method no longer registered
                 continue
-            changed = [f"{k} {v} (paper {theirs[k]})" for k, v in sorted(r.spec.config.items())
-                       if k in theirs and theirs[k] != v]
+            theirs = asdict(config)
+            off = {f.name: f.metadata["unset"] for f in fields(config)  # "rounds 1 (paper: none; ...)", not "paper 0"
+                   if f.metadata.get("unset") and theirs[f.name] == f.default}
+            changed = [f"{k} {v} (paper: {off[k]})" if k in off else f"{k} {v} (paper {theirs[k]})"
+                       for k, v in sorted(r.spec.config.items()) if k in theirs and theirs[k] != v]
             if changed:
                 by_change.setdefault(", ".join(changed), []).append(r.task)
         for change, tasks in by_change.items():

@@ -34,9 +34,10 @@ class RunContext:
     progress: RunProgress = field(default_factory=RunProgress)  # a method with a loop reports its progress here
 
 
-def setting(default, help: str):
-    """A config field with its one-line help (shown by `harness list --method NAME`)."""
-    return field(default=default, metadata={"help": help})
+def setting(default, help: str, unset: str | None = None):
+    """A config field with its one-line help (shown by `harness list --method NAME`); `unset` names what the
+    default means where it switches the setting off, so the report's departures need not print a bare 0."""
+    return field(default=default, metadata={"help": help, "unset": unset})
 
 
 @dataclass

@@ -57,7 +57,8 @@ class BBTConfig(MethodConfig):
     dist: str = setting("normal", "projection init: normal | uniform")
     send: str = setting("z", "what travels per query: z (the server applies A) | prompt (the vectors)")
     eval_every: int = setting(100, "dev check (and checkpoint) period, in API calls")
-    rounds: int = setting(0, "BBTv2 only: if set, spend rounds x popsize x layers calls instead of the budget")
+    rounds: int = setting(0, "BBTv2 only: if set, spend rounds x popsize x layers calls instead of the budget",
+                          unset="none; the call budget decides")
     batched: bool = setting(True, "one forward per generation (population batching) vs one per candidate")
     eval_batch_size: int = setting(32, "eval examples per query")
 

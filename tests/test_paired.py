@@ -74,16 +74,18 @@ def test_the_report_marks_significant_cells_and_says_where_the_profile_departs(t
         record("bbt", "sst2", 42, gold, gold, config={"budget": 300}, cap=400),  # 100% vs 50%
         record("icl", "sst2", 42, [0] * 198 + [1, 1], gold, cap=400),  # one row apart from manual
         record("manual", "dbpedia", 42, [0] * 200, gold, cap=400, k_shot=4),
+        record("bbtv2", "sst2", 42, gold, gold, config={"rounds": 1}, cap=400),
     ]
     text = render(runs)
     comparison = text.split("### Comparison")[1].split("###")[0]
     cells = {row[1]: row[3] for row in ([c.strip() for c in line.split("|")[1:-1]] for line in comparison.splitlines()
                                         if line.startswith("| gradient"))}
-    assert cells == {"manual": "50.00", "icl": "50.00", "bbt": "100.00 ▲"}  # icl: two rows apart, no mark
+    assert cells == {"manual": "50.00", "icl": "50.00", "bbt": "100.00 ▲", "bbtv2": "100.00 ▲"}  # icl: two rows apart, no mark
     assert "bbt − manual" in text and "+50.00 (p < 0.001) ▲" in text
     assert "eval capped at 400 rows per task" in text and "1 split (seed 42), not the papers' 3" in text
-    assert "seeds 42); 4s of wall time in all (the sum of the runs' own)" in text  # each record's wall_s is 1.0
+    assert "seeds 42); 5s of wall time in all (the sum of the runs' own)" in text  # each record's wall_s is 1.0
     assert "bbt on sst2: budget 300 (paper 8000)" in text
+    assert "bbtv2 on sst2: rounds 1 (paper: none; the call budget decides)" in text  # not "(paper 0)"
     assert "dbpedia: 4 shots per class (the papers: 16)" in text and "### Comparison (16-shot; dbpedia 4-shot;" in text
 
 
