@@ -491,6 +491,14 @@ def _calls_label(x: float, _pos=None) -> str:
     return f"{x / 1000:g}k" if x >= 1000 else f"{x:g}"
 
 
+def _line_colors(n: int) -> list:
+    """n distinct colours: matplotlib's 10-colour cycle repeats from the 11th line, which a task's full grid reaches."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
 def convergence_figures(records: list[RunRecord], folder: Path) -> list[Path]:
     """PNG per backbone and task: BBT and BBTv2's best train loss and dev metric by API call, one line per seed."""
     import matplotlib
@@ -508,11 +516,13 @@ def convergence_figures(records: list[RunRecord], folder: Path) -> list[Path]:
         legend_height = 0.22 * ((len(runs) + 1) // 2)  # one legend below both axes: inside, it hid the dev lines
         height = 3.6 + legend_height
         figure, (loss_ax, dev_ax) = plt.subplots(1, 2, figsize=(10, height))
-        for r in sorted(runs, key=lambda r: (r.method, r.seed, r.profile, r.dtype)):
+        ordered = sorted(runs, key=lambda r: (r.method, r.seed, r.profile, r.dtype))
+        for r, color in zip(ordered, _line_colors(len(ordered))):
             label = f"{r.method} seed {r.seed}, {r.profile}, {r.dtype}, {_device(r.meters)}"
             train, dev = r.trace["train"], r.trace["dev"]
-            loss_ax.plot([t["calls"] for t in train], [t["best_loss"] for t in train], label=label)
-            dev_ax.plot([d["calls"] for d in dev], [d["metric"] for d in dev], marker="o", markersize=3, label=label)
+            loss_ax.plot([t["calls"] for t in train], [t["best_loss"] for t in train], color=color, label=label)
+            dev_ax.plot([d["calls"] for d in dev], [d["metric"] for d in dev], marker="o", markersize=3, color=color,
+                        label=label)
         for ax in (loss_ax, dev_ax):
             ax.set_xscale("log")  # quick runs (hundreds of calls) and the paper's budget (thousands) on one axis
             ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))  # 20, 50, 100, ...: labelled on any span
@@ -564,10 +574,11 @@ def budget_figures(records: list[RunRecord], folder: Path) -> list[Path]:
     paths = []
     for (backbone, task), runs in sorted(groups.items()):
         figure, ax = plt.subplots(figsize=(8, 4.6))
-        for r in sorted(runs, key=lambda r: (_rank(r.method), r.method, r.seed, r.profile, r.dtype)):
+        ordered = sorted(runs, key=lambda r: (_rank(r.method), r.method, r.seed, r.profile, r.dtype))
+        for r, color in zip(ordered, _line_colors(len(ordered))):
             points = _spent(r)
             style = "-" if r.group == "gradient-free" else "--"
-            ax.plot([x for x, _ in points], [y for _, y in points], style, marker="o", markersize=3,
+            ax.plot([x for x, _ in points], [y for _, y in points], style, marker="o", markersize=3, color=color,
                     label=f"{r.method} seed {r.seed}, {r.profile}, {r.dtype}")
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))

@@ -143,3 +143,23 @@ def test_the_matched_budget_figure_puts_calls_and_steps_on_one_axis(tmp_path):
     write_report([bbt, lora], tmp_path / "results.md")
     assert (tmp_path / "budget-tiny-gpt2-sst2.png").stat().st_size > 0
     assert "![budget-tiny-gpt2-sst2](budget-tiny-gpt2-sst2.png)" in (tmp_path / "results.md").read_text()
+
+
+def test_every_line_of_a_full_tasks_figure_has_its_own_colour(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from harness.report import budget_figures
+
+    colours, plot = [], Axes.plot
+
+    def spy(self, *args, **kwargs):
+        lines = plot(self, *args, **kwargs)
+        colours.extend(line.get_color() for line in lines)
+        return lines
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    gold = [0, 1] * 10
+    runs = [record("lora", "sst2", seed, gold, gold, group="gradient-based", config={"batch_size": 8},
+                   trace={"dev": [{"step": 25, "dev_score": 80.0}]}) for seed in range(12)]
+    budget_figures(runs, tmp_path)
+    assert len(colours) == 12 and len({str(c) for c in colours}) == 12  # matplotlib's own cycle repeats at 11
