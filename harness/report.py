@@ -334,13 +334,16 @@ def _shots(frame: pd.DataFrame) -> str:
 
 
 def provenance(frame: pd.DataFrame) -> str:
+    grid = frame["method"].nunique() * frame["task"].nunique() * frame["seed"].nunique()
+    empty = grid - len(frame[["method", "task", "seed"]].drop_duplicates())
     lines = [
         f"- backbone: {', '.join(sorted(frame['backbone'].unique()))}",
         f"- device: {', '.join(sorted(frame['device'].unique()))}; compute dtype: {', '.join(sorted(frame['dtype'].unique()))}",
         f"- profile: {', '.join(sorted(frame['profile'].unique()))}",
         f"- runs: {len(frame)} ({_count(frame['method'].nunique(), 'method')} × {_count(frame['task'].nunique(), 'task')}, seeds "
-        f"{', '.join(str(s) for s in sorted(frame['seed'].unique()))}); {duration(frame['wall_s'].sum())} of wall time in all "
-        "(the sum of the runs' own)",
+        f"{', '.join(str(s) for s in sorted(frame['seed'].unique()))}"
+        + (f"; {empty} of the {grid} cells not run" if empty else "")  # "60 (12 methods × 7 tasks)" read as a full grid
+        + f"); {duration(frame['wall_s'].sum())} of wall time in all (the sum of the runs' own)",
     ]
     versions = sorted({", ".join(f"{k} {v}" for k, v in sorted(r.items())) for r in frame["versions"]})
     lines += [f"- packages: {v}" for v in versions]
