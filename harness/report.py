@@ -498,10 +498,9 @@ def _line_colors(n: int) -> list:
     """n distinct colours: matplotlib's 10-colour cycle repeats from the 11th line, which a task's full grid reaches."""
     from matplotlib import colormaps
 
-    if n <= 10:
-        return [colormaps["tab10"](i) for i in range(n)]
-    # tab20 in pairs (dark, light of one hue): the dark ten first, so neighbouring lines differ in hue
-    return [colormaps["tab20"](i) for i in [*range(0, 20, 2), *range(1, 20, 2)] * (n // 20 + 1)][:n]
+    # tab20 holds (dark, light) pairs of one hue, its dark ten being tab10: the dark ten first, then the light
+    order = [*range(0, 20, 2), *range(1, 20, 2)]
+    return [colormaps["tab20"](order[i % 20]) for i in range(n)]
 
 
 def convergence_figures(records: list[RunRecord], folder: Path) -> list[Path]:
