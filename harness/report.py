@@ -333,6 +333,16 @@ def _shots(frame: pd.DataFrame) -> str:
     return "; ".join([f"{usual}-shot", *others])
 
 
+def resumed_runs(frame: pd.DataFrame) -> str:
+    """The runs resumed from a checkpoint, in the tables' method and task order (not the records')."""
+    resumed = frame[frame["resumed_at"] != ""]
+    if resumed.empty:
+        return ""
+    methods, tasks = _method_order(resumed), _ordered_tasks(resumed["task"])
+    ordered = sorted(resumed.itertuples(), key=lambda r: (methods.index(r.method), tasks.index(r.task), r.seed))
+    return "; ".join(f"{r.method}/{r.task}/seed{r.seed} at {r.resumed_at} calls" for r in ordered)
+
+
 def provenance(frame: pd.DataFrame) -> str:
     grid = frame["method"].nunique() * frame["task"].nunique() * frame["seed"].nunique()
     empty = grid - len(frame[["method", "task", "seed"]].drop_duplicates())
@@ -356,9 +366,8 @@ def provenance(frame: pd.DataFrame) -> str:
         found = {k: v for c in part["caveats"] for k, v in c.items()}
         if found:
             caveats.append(f"  - {task}: " + "; ".join(found.values()))
-    resumed = frame[frame["resumed_at"] != ""]
-    if len(resumed):
-        runs = "; ".join(f"{r.method}/{r.task}/seed{r.seed} at {r.resumed_at} calls" for r in resumed.itertuples())
+    runs = resumed_runs(frame)
+    if runs:
         lines.append(f"- resumed runs (‡): interrupted, then resumed from a mid-run checkpoint: {runs}")
     legacy = frame[frame["legacy"]]
     if len(legacy):

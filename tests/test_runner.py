@@ -344,3 +344,16 @@ def test_what_the_gradient_methods_trained_is_listed_in_the_tables_method_order(
                          "trained": ["50 input vectors", "LoRA r=8", "LoRA r=8", None]})
     assert list(part_trained(runs)) == ["lora", "prompt-tuning"]  # the registry's order, not the records'; none known for bitfit
     assert part_trained(runs)["lora"] == "LoRA r=8"
+
+
+def test_resumed_runs_are_listed_in_the_tables_method_and_task_order():
+    import pandas as pd
+
+    from harness.report import resumed_runs
+
+    runs = pd.DataFrame({"method": ["bbt", "bbt", "bbtv2", "bbt", "bbt"], "group": "gradient-free",
+                         "task": ["rte", "snli", "mrpc", "mrpc", "sst2"], "seed": 42,
+                         "resumed_at": ["40", "120", "60", "40", ""]})
+    assert resumed_runs(runs) == ("bbt/mrpc/seed42 at 40 calls; bbt/snli/seed42 at 120 calls; "
+                                  "bbt/rte/seed42 at 40 calls; bbtv2/mrpc/seed42 at 60 calls")
+    assert resumed_runs(runs[runs["resumed_at"] == ""]) == ""
