@@ -134,8 +134,23 @@ def _gguf_path(spec: BackboneSpec) -> Path:
             module = importlib.import_module(spec.model_id)
         except ImportError as exc:
             raise HarnessError(f"the embedded backbone '{spec.name}' needs: {spec.install_hint}") from exc
-        return Path(module.assemble(cache_root() / "gguf" / spec.gguf_file))
+        return _assembled(module, cache_root() / "gguf" / spec.gguf_file)
     return _package_dir(spec.model_id, spec.install_hint) / spec.gguf_file
+
+
+def _assembled(module, target: Path) -> Path:
+    """Join the chunk packages into `target` once. The package writes straight into the path it is given, so two
+    processes starting on an empty cache (two `harness run`s, Ray actors on one machine) would read each other's
+    half-written file: each joins into a folder of its own and moves the finished file into place."""
+    if target.exists() and _sha256(target) == module.EXPECTED_SHA256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))
+    try:
+        os.replace(module.assemble(tmp / target.name), target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _sha256(path: Path) -> str:

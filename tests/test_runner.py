@@ -220,6 +220,20 @@ def test_two_conversions_of_the_embedded_backbone_at_once_both_go_on_and_a_faile
     assert [p.name for p in tmp_path.iterdir()] == ["gemma3-270m"]  # nor a conversion's that failed half-way
 
 
+@pytest.mark.embedded
+def test_a_half_written_gguf_file_in_the_cache_is_joined_anew_not_refused(tmp_path, monkeypatch):
+    # seen on a 2-core machine: two `harness run`s started together on an empty cache; one found the GGUF file the
+    # other was still joining from its chunk packages ("already exists with an unexpected sha256") and died
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
+    spec = backbones.get_spec("gemma3-270m")
+    target = tmp_path / "gguf" / spec.gguf_file
+    target.parent.mkdir()
+    target.write_bytes(b"GGUF" + bytes(4096))  # the other process, part-way through
+    assert backbones._gguf_path(spec) == target and backbones._sha256(target) == spec.gguf_sha256
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # no joining folder left behind
+    assert backbones._gguf_path(spec) == target  # a finished file is taken as it is
+
+
 def test_the_report_never_averages_runs_of_different_dtypes(tmp_path, shared_data, tiny):
     store = ResultsStore(tmp_path)
     profile = replace(PROFILE, method_overrides={"bbt": {"budget": 20}})
