@@ -529,7 +529,7 @@ def convergence_figures(records: list[RunRecord], folder: Path) -> list[Path]:
         legend_height = 0.22 * ((len(runs) + 1) // 2)  # one legend below both axes: inside, it hid the dev lines
         height = 3.6 + legend_height
         figure, (loss_ax, dev_ax) = plt.subplots(1, 2, figsize=(10, height))
-        ordered = sorted(runs, key=lambda r: (r.method, r.seed, r.profile, r.dtype))
+        ordered = sorted(runs, key=lambda r: (_rank(r.method), r.method, r.seed, r.profile, r.dtype))
         for r, color in zip(ordered, _line_colors(len(ordered))):
             label = f"{r.method} seed {r.seed}, {r.profile}, {r.dtype}, {_device(r.meters)}"
             train, dev = r.trace["train"], r.trace["dev"]
