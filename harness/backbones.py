@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,13 +145,21 @@ def _assembled(module, target: Path) -> Path:
     half-written file: each joins into a folder of its own and moves the finished file into place."""
     if target.exists() and _sha256(target) == module.EXPECTED_SHA256:
         return target
+    with _scratch_folder(target) as tmp:
+        os.replace(module.assemble(tmp / target.name), target)
+    return target
+
+
+@contextmanager
+def _scratch_folder(target: Path):
+    """A fresh folder beside `target` (one filesystem, so the finished result moves into place atomically), gone on
+    the way out whatever happened: a full disk or Ctrl-C leaves nothing half-written in the cache."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))
     try:
-        os.replace(module.assemble(tmp / target.name), target)
+        yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _sha256(path: Path) -> str:
@@ -202,26 +211,15 @@ def _convert_embedded(spec: BackboneSpec, target: Path) -> None:
         del model.config.quantization_config
     # a folder of its own: two processes converting at once (two `harness run`s, Ray actors on one machine) must
     # not write into one another's files
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))
-    try:
+    with _scratch_folder(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "identity.json").write_text(json.dumps({"gguf_file": spec.gguf_file, "gguf_sha256": sha}))
-    except BaseException:  # a full disk, Ctrl-C: no half-written folder left in the cache for good
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_folder(tmp, target)
-
-
-def publish_folder(tmp: Path, target: Path) -> None:
-    """Move a finished folder into place atomically, so a half-written cache is never taken for a finished one. Where
-    another process got there first, its folder (as complete as ours) stays and ours is dropped."""
-    try:
-        tmp.rename(target)
-    except OSError:
-        if not target.is_dir():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:  # atomically, so a half-written cache is never taken for a finished one
+            tmp.rename(target)
+        except OSError:  # another process got there first: its folder (as complete as ours) stays, ours is dropped
+            if not target.is_dir():
+                raise
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
