@@ -1,5 +1,6 @@
-"""Mid-run checkpoints: a long run (BBT's thousands of calls) saves its state at each dev check, so a run
-that dies, or a session that ends, resumes where it was instead of starting again.
+"""Mid-run checkpoints: a long run (BBT's thousands of calls, a gradient baseline's thousand steps) saves its
+state at each dev check, so a run that dies, or a session that ends, resumes where it was instead of starting
+again.
 
 A checkpoint lives beside the results store, named by the run's id, and is removed once the run's record is
 written. It holds the method's state (a CMA-ES strategy carries its own random generator, so nothing global needs
@@ -49,7 +50,8 @@ class Checkpoint:
         """The saved state, with the meter and clock put back; None when there is none (or it is of an older format)."""
         if not self.path.exists():
             return None
-        payload = pickle.loads(self.path.read_bytes())
+        with open(self.path, "rb") as handle:  # streamed: model tuning's state is gigabytes
+            payload = pickle.load(handle)
         if payload.get("format") != FORMAT:
             log.warning("    %s is from an older harness (format %s, not %s): the run starts afresh",
                         self.path, payload.get("format", 1), FORMAT)
@@ -58,5 +60,6 @@ class Checkpoint:
             self.meter.phases.update(payload["meter"])
         self.earlier_s = payload["elapsed_s"]
         self.started = time.time()
-        self.resumed_at = payload["resumed_at"] + [payload["state"].get("calls", 0)]
+        state = payload["state"]  # where it resumes: API calls for a search, optimiser steps for a trainer
+        self.resumed_at = payload["resumed_at"] + [state["calls"] if "calls" in state else state.get("step", 0)]
         return payload["state"]

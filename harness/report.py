@@ -81,8 +81,8 @@ def load_frame(records: list[RunRecord]) -> pd.DataFrame:
                 "trained": (r.trace or {}).get("trained") if r.group == "gradient-based" else None,
                 # a search by API calls (BBT, BBTv2) says how many it spent
                 "calls": (r.trace or {}).get("calls"),
-                # the calls at which an interrupted attempt's checkpoint was taken up again ("" if it never was)
-                "resumed_at": ", ".join(str(c) for c in meters.get("resumed_at_calls") or []),
+                # where an interrupted attempt's checkpoint was taken up again ("" if it never was)
+                "resumed_at": _resumed_at(meters),
                 "legacy": r.legacy,
                 "record": r,
             }
@@ -333,6 +333,15 @@ def _shots(frame: pd.DataFrame) -> str:
     return "; ".join([f"{usual}-shot", *others])
 
 
+def _resumed_at(meters: dict) -> str:
+    """"40 calls" (a search), "300 steps" (a trainer), "40, 120 calls" (resumed twice), or "" (never resumed)."""
+    for unit in ("calls", "steps"):
+        at = meters.get(f"resumed_at_{unit}")
+        if at:
+            return f"{', '.join(str(c) for c in at)} {unit}"
+    return ""
+
+
 def resumed_runs(frame: pd.DataFrame) -> str:
     """The runs resumed from a checkpoint, in the tables' method and task order (not the records')."""
     resumed = frame[frame["resumed_at"] != ""]
@@ -340,7 +349,7 @@ def resumed_runs(frame: pd.DataFrame) -> str:
         return ""
     methods, tasks = _method_order(resumed), _ordered_tasks(resumed["task"])
     ordered = sorted(resumed.itertuples(), key=lambda r: (methods.index(r.method), tasks.index(r.task), r.seed))
-    return "; ".join(f"{r.method}/{r.task}/seed{r.seed} at {r.resumed_at} calls" for r in ordered)
+    return "; ".join(f"{r.method}/{r.task}/seed{r.seed} at {r.resumed_at}" for r in ordered)
 
 
 def provenance(frame: pd.DataFrame) -> str:

@@ -152,7 +152,7 @@ def run_one(
     if checkpoint is not None and checkpoint.resumed_at:  # the time of the interrupted attempts counts too
         meters["wall_s"] += checkpoint.earlier_s
         meters["fit_s"] += checkpoint.earlier_s
-        meters["resumed_at_calls"] = checkpoint.resumed_at
+        meters["resumed_at_calls" if cls.as_a_service else "resumed_at_steps"] = checkpoint.resumed_at
     gold = np.array([e["label"] for e in split.eval])
     return RunRecord(
         run_id=spec.run_id,

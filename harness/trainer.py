@@ -5,11 +5,17 @@ evaluation on the 16-shot dev split every `eval_every` steps (and after the last
 kept: the trainable tensors are copied whenever the dev metric improves (ties: the lower dev loss wins; a
 later step must be strictly better) and restored before the method predicts.
 
+With a `Checkpoint`, each dev check before the last also saves the training state (trainable tensors, AdamW's
+moments, the schedule, torch's random state for dropout, the trace and the best dev state so far), so a run that
+dies resumes at that step to the result it would have reached uninterrupted: the batch order is replayed from
+its seed, not saved.
+
 The loss is the mean cross-entropy over the label-word logits the method's forward returns.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,8 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from harness.checkpoint import Checkpoint
 from harness.errors import HarnessError
 from harness.progress import RunProgress
+
+log = logging.getLogger("harness")
 
 
 @dataclass
@@ -56,6 +65,7 @@ class Trainer:
         seed: int,
         decay_filter: Callable[[str], bool] = lambda name: True,
         progress: RunProgress | None = None,
+        checkpoint: Checkpoint | None = None,
     ):
         if not params:
             raise HarnessError("the method has no trainable parameters")
@@ -68,6 +78,7 @@ class Trainer:
         self.set_training = set_training
         self.metric = metric
         self.seed = seed
+        self.checkpoint = checkpoint
         decay = [p for n, p in params.items() if decay_filter(n)]
         no_decay = [p for n, p in params.items() if not decay_filter(n)]
         groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -91,16 +102,25 @@ class Trainer:
         return self.metric(labels, logits.argmax(dim=1).numpy()), loss
 
     def fit(self, train_texts: list[str], train_labels, dev_texts: list[str], dev_labels) -> dict:
-        """Runs the fixed number of steps and leaves the best dev state in place; returns the trace."""
+        """Runs the fixed number of steps (from a checkpoint's step if there is one) and leaves the best dev state
+        in place; returns the trace."""
         s = self.settings
         train_labels, dev_labels = np.asarray(train_labels), np.asarray(dev_labels)
         stream = batches(len(train_texts), s.batch_size, self.seed)
-        losses, evals = [], []
-        best = None  # (metric, -loss, step)
-        best_state = None
-        started = time.perf_counter()
-        self.progress.total(s.steps, "step")
-        for step in range(1, s.steps + 1):
+        run = {"step": 0, "losses": [], "evals": [], "best": None, "best_state": None, "train_s": 0.0}
+        saved = self.checkpoint.load() if self.checkpoint is not None else None
+        if saved is not None and set(saved["params"]) != set(self.params):  # another peft's names, say
+            log.warning("    %s holds other trainable tensors than this run's: the run starts afresh", self.checkpoint.path)
+            saved = None
+        if saved is not None:
+            run = self._restore(saved)
+            for _ in range(run["step"]):  # the batches the earlier attempt drew
+                next(stream)
+        started = time.perf_counter() - run["train_s"]
+        losses, evals = run["losses"], run["evals"]
+        best, best_state = run["best"], run["best_state"]  # best: (metric, -loss, step)
+        self.progress.total(s.steps, "step", done=run["step"])
+        for step in range(run["step"] + 1, s.steps + 1):
             index = next(stream)
             self.set_training(True)
             logits = self.forward([train_texts[i] for i in index])
@@ -121,6 +141,8 @@ class Trainer:
                 if best is None or (score, -dev_loss) > best[:2]:
                     best = (score, -dev_loss, step)
                     best_state = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+                if self.checkpoint is not None and step < s.steps:  # after the last step the record follows
+                    self._save(step, losses, evals, best, best_state, time.perf_counter() - started)
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(best_state[name].to(p.device))
@@ -132,6 +154,32 @@ class Trainer:
             "best_dev_score": best[0],
             "train_s": time.perf_counter() - started,
         }
+
+    def _save(self, step, losses, evals, best, best_state, train_s) -> None:
+        self.checkpoint.save({
+            "step": step,
+            "params": {n: p.detach().cpu() for n, p in self.params.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),  # dropout's draws
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "losses": losses, "evals": evals, "best": best, "best_state": best_state, "train_s": train_s,
+        })
+
+    def _restore(self, saved: dict) -> dict:
+        """Puts the saved state in place; returns the loop's part (the copied tensors are let go: model tuning's
+        weights are a gigabyte)."""
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(saved["params"][name].to(p.device))
+        del saved["params"]
+        self.optimizer.load_state_dict(saved.pop("optimizer"))
+        self.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        if saved["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        log.info("    training resumes at step %d", saved["step"])
+        return saved
 
 
 def _linear(warmup: int, total: int):

@@ -37,7 +37,7 @@ class GradientConfig(MethodConfig):
     lr: float = setting(1e-5, "AdamW learning rate")
     steps: int = setting(1000, "optimiser steps")
     batch_size: int = setting(8, "training examples per step")
-    eval_every: int = setting(100, "dev check period, in steps (the best dev check's weights are kept)")
+    eval_every: int = setting(100, "dev check (and checkpoint) period, in steps (the best dev check's weights are kept)")
     eval_batch_size: int = setting(32, "eval examples per forward")
     warmup_ratio: float = setting(0.0, "linear warm-up, as a fraction of the steps")
     weight_decay: float = setting(0.0, "AdamW weight decay (not on biases and norm gains)")
@@ -117,6 +117,7 @@ class GradientMethod(Method):
             seed=self.ctx.seed,
             decay_filter=lambda name: not _no_decay(name),
             progress=self.ctx.progress,
+            checkpoint=self.ctx.checkpoint,
         )
 
     def fit(self, train, dev):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import harness.runner as runner
+from harness.checkpoint import Checkpoint
 from harness.errors import HarnessError
 from harness.profiles import get_profile
 from harness.prompts import PromptFormat
@@ -225,6 +226,74 @@ def test_best_dev_state_is_restored_before_predicting():
         assert m.loss(DEV) == pytest.approx(best["dev_loss"], abs=1e-5)
     finally:
         m.close()
+
+
+# --- a run that dies resumes from its last dev check to the uninterrupted result ----------------------------------
+
+
+class _Killed(Exception):
+    pass
+
+
+class _DiesAfterSaving(Checkpoint):
+    """Saves, then dies at step `kill_at`: what survives an attempt is the file."""
+
+    def __init__(self, path, kill_at):
+        super().__init__(path)
+        self.kill_at = kill_at
+
+    def save(self, state):
+        super().save(state)
+        if state["step"] == self.kill_at:
+            raise _Killed
+
+
+def _attempt(method: str, kind: str, checkpoint: Checkpoint) -> dict:
+    """A fresh backbone, a method fitted with this checkpoint: its trace, dev logits and trained tensors."""
+    bb = backbone(kind)
+    cls = get_method(method)
+    config = cls.config_class(lr=TEST_LR[method], steps=7, eval_every=2, batch_size=3)
+    m = cls(config, replace(context(bb), checkpoint=checkpoint))
+    try:
+        m.prepare()
+        forward, batches = m._trainer.forward, []
+        m._trainer.forward = lambda texts: (batches.append(texts) if bb.model.training else None) or forward(texts)
+        m.fit(TRAIN, DEV)
+        trace = {k: v for k, v in m.trace().items() if k != "train_s"}
+        logits = m._trainer.predict_logits(m.ctx.prompt.render_all(DEV))
+        return {"trace": trace, "logits": logits, "params": {n: p.detach().clone() for n, p in m._params.items()},
+                "batches": batches}
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "roberta"])  # RoBERTa's dropout draws from torch's random state
+@pytest.mark.parametrize("method", METHODS)
+def test_a_killed_training_run_resumes_to_the_uninterrupted_result(method, kind, tmp_path):
+    """Killed right after the step-4 dev check (of 7 steps, batches of 3 from 8 examples: the next epoch's order
+    is drawn after the kill); the resumed attempt on a fresh backbone must end bit for bit where an uninterrupted
+    run ends: trace, best dev state, dev logits."""
+    path = tmp_path / "run.pkl"
+    with pytest.raises(_Killed):
+        _attempt(method, kind, _DiesAfterSaving(path, kill_at=4))
+    resumed_from = Checkpoint(path)
+    resumed = _attempt(method, kind, resumed_from)
+    whole = _attempt(method, kind, Checkpoint(tmp_path / "whole.pkl"))
+    assert resumed_from.resumed_at == [4]
+    assert len(resumed["batches"]) == 3 and resumed["batches"] == whole["batches"][4:]  # steps 5 to 7 only, alike
+    assert resumed["trace"] == whole["trace"] and len(whole["trace"]["train_loss"]) == 7
+    assert torch.equal(resumed["logits"], whole["logits"])
+    assert all(torch.equal(resumed["params"][n], p) for n, p in whole["params"].items())
+
+
+def test_a_checkpoint_of_other_tensors_is_not_resumed(tmp_path):
+    """A checkpoint whose trainable tensors are not this run's (another peft's names) starts the run afresh."""
+    path = tmp_path / "run.pkl"
+    with pytest.raises(_Killed):
+        _attempt("bitfit", "gemma3", _DiesAfterSaving(path, kill_at=2))
+    checkpoint = Checkpoint(path)
+    lora = _attempt("lora", "gemma3", checkpoint)
+    assert lora["trace"] == _attempt("lora", "gemma3", Checkpoint(tmp_path / "whole.pkl"))["trace"]
 
 
 # --- the soft-input scoring paths equal a plain forward over the concatenated tokens --------------------------------

@@ -360,14 +360,41 @@ def test_what_the_gradient_methods_trained_is_listed_in_the_tables_method_order(
     assert part_trained(runs)["lora"] == "LoRA r=8"
 
 
+def test_an_interrupted_gradient_run_resumes_at_its_step_in_the_next_grid(tmp_path, shared_data, tiny, monkeypatch):
+    from harness.checkpoint import Checkpoint
+
+    config = method_config("lora", PROFILE, settings={"lora": {"steps": 4, "eval_every": 2, "batch_size": 4}})
+    spec = RunSpec("lora", "sst2", 13, "tiny-gpt2", 16, 8, vars(config))
+    store = ResultsStore(tmp_path)
+    save = Checkpoint.save
+
+    def dies(self, state):
+        save(self, state)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(Checkpoint, "save", dies)
+    assert len(runner.run_grid([spec], load_cards(), PROFILE, store, str(shared_data)).failed) == 1
+    assert store.checkpoint_path(spec.run_id).exists()
+    monkeypatch.setattr(Checkpoint, "save", save)
+    assert runner.run_grid([spec], load_cards(), PROFILE, store, str(shared_data)).ran == [spec.label()]
+    record = store.records()[-1]
+    assert record.meters["resumed_at_steps"] == [2] and "resumed_at_calls" not in record.meters
+    assert len(record.trace["train_loss"]) == 4 and not store.checkpoint_path(spec.run_id).exists()
+    assert "resumed from a mid-run checkpoint: lora/sst2/seed13 at 2 steps" in render(store.records())
+
+
 def test_resumed_runs_are_listed_in_the_tables_method_and_task_order():
     import pandas as pd
 
-    from harness.report import resumed_runs
+    from harness.report import _resumed_at, resumed_runs
 
-    runs = pd.DataFrame({"method": ["bbt", "bbt", "bbtv2", "bbt", "bbt"], "group": "gradient-free",
-                         "task": ["rte", "snli", "mrpc", "mrpc", "sst2"], "seed": 42,
-                         "resumed_at": ["40", "120", "60", "40", ""]})
-    assert resumed_runs(runs) == ("bbt/mrpc/seed42 at 40 calls; bbt/snli/seed42 at 120 calls; "
-                                  "bbt/rte/seed42 at 40 calls; bbtv2/mrpc/seed42 at 60 calls")
+    assert _resumed_at({"resumed_at_calls": [40, 120]}) == "40, 120 calls"
+    assert _resumed_at({"resumed_at_steps": [300]}) == "300 steps"  # a gradient baseline's trainer
+    assert _resumed_at({}) == _resumed_at({"resumed_at_calls": []}) == ""
+    runs = pd.DataFrame({"method": ["bbt", "bbt", "bbtv2", "bbt", "bbt", "lora"],
+                         "group": ["gradient-free"] * 5 + ["gradient-based"],
+                         "task": ["rte", "snli", "mrpc", "mrpc", "sst2", "sst2"], "seed": 42,
+                         "resumed_at": ["40 calls", "120 calls", "60 calls", "40 calls", "", "300 steps"]})
+    assert resumed_runs(runs) == ("lora/sst2/seed42 at 300 steps; bbt/mrpc/seed42 at 40 calls; "
+                                  "bbt/snli/seed42 at 120 calls; bbt/rte/seed42 at 40 calls; bbtv2/mrpc/seed42 at 60 calls")
     assert resumed_runs(runs[runs["resumed_at"] == ""]) == ""
