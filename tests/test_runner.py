@@ -103,12 +103,11 @@ def test_unknown_method_setting_is_an_error():
         method_config("manual", PROFILE, settings={"manual": {"budget": 10}})
 
 
-def test_an_interrupted_bbt_run_resumes_in_the_next_grid_and_counts_its_whole_time(tmp_path, shared_data, tiny, monkeypatch):
+def _killed_at_first_checkpoint_then_resumed(spec, store, shared_data, monkeypatch):
+    """Runs the spec in a grid that dies right after its first checkpoint, then in a grid that resumes it; returns
+    the record."""
     from harness.checkpoint import Checkpoint
-    settings = {"bbt": {"budget": 40, "popsize": 10, "intrinsic_dim": 10, "n_tokens": 4, "eval_every": 20}}
-    config = method_config("bbt", PROFILE, settings=settings)
-    spec = RunSpec("bbt", "sst2", 13, "tiny-gpt2", 16, 8, vars(config))
-    store = ResultsStore(tmp_path)
+
     save = Checkpoint.save
 
     def dies(self, state):
@@ -116,13 +115,19 @@ def test_an_interrupted_bbt_run_resumes_in_the_next_grid_and_counts_its_whole_ti
         raise RuntimeError("killed")
 
     monkeypatch.setattr(Checkpoint, "save", dies)
-    summary = runner.run_grid([spec], load_cards(), PROFILE, store, str(shared_data))
-    assert len(summary.failed) == 1
+    assert len(runner.run_grid([spec], load_cards(), PROFILE, store, str(shared_data)).failed) == 1
     assert store.checkpoint_path(spec.run_id).exists()
     monkeypatch.setattr(Checkpoint, "save", save)
-    summary = runner.run_grid([spec], load_cards(), PROFILE, store, str(shared_data))
-    assert summary.ran == [spec.label()]
-    record = store.records()[-1]
+    assert runner.run_grid([spec], load_cards(), PROFILE, store, str(shared_data)).ran == [spec.label()]
+    return store.records()[-1]
+
+
+def test_an_interrupted_bbt_run_resumes_in_the_next_grid_and_counts_its_whole_time(tmp_path, shared_data, tiny, monkeypatch):
+    settings = {"bbt": {"budget": 40, "popsize": 10, "intrinsic_dim": 10, "n_tokens": 4, "eval_every": 20}}
+    config = method_config("bbt", PROFILE, settings=settings)
+    spec = RunSpec("bbt", "sst2", 13, "tiny-gpt2", 16, 8, vars(config))
+    store = ResultsStore(tmp_path)
+    record = _killed_at_first_checkpoint_then_resumed(spec, store, shared_data, monkeypatch)
     assert record.meters["resumed_at_calls"] == [20] and record.trace["calls"] == 40
     assert record.queries["train"]["queries"] == 40  # both attempts' calls, each once
     assert not store.checkpoint_path(spec.run_id).exists()
@@ -361,23 +366,10 @@ def test_what_the_gradient_methods_trained_is_listed_in_the_tables_method_order(
 
 
 def test_an_interrupted_gradient_run_resumes_at_its_step_in_the_next_grid(tmp_path, shared_data, tiny, monkeypatch):
-    from harness.checkpoint import Checkpoint
-
     config = method_config("lora", PROFILE, settings={"lora": {"steps": 4, "eval_every": 2, "batch_size": 4}})
     spec = RunSpec("lora", "sst2", 13, "tiny-gpt2", 16, 8, vars(config))
     store = ResultsStore(tmp_path)
-    save = Checkpoint.save
-
-    def dies(self, state):
-        save(self, state)
-        raise RuntimeError("killed")
-
-    monkeypatch.setattr(Checkpoint, "save", dies)
-    assert len(runner.run_grid([spec], load_cards(), PROFILE, store, str(shared_data)).failed) == 1
-    assert store.checkpoint_path(spec.run_id).exists()
-    monkeypatch.setattr(Checkpoint, "save", save)
-    assert runner.run_grid([spec], load_cards(), PROFILE, store, str(shared_data)).ran == [spec.label()]
-    record = store.records()[-1]
+    record = _killed_at_first_checkpoint_then_resumed(spec, store, shared_data, monkeypatch)
     assert record.meters["resumed_at_steps"] == [2] and "resumed_at_calls" not in record.meters
     assert len(record.trace["train_loss"]) == 4 and not store.checkpoint_path(spec.run_id).exists()
     assert "resumed from a mid-run checkpoint: lora/sst2/seed13 at 2 steps" in render(store.records())
