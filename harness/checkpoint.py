@@ -3,9 +3,10 @@ state at each dev check, so a run that dies, or a session that ends, resumes whe
 again.
 
 A checkpoint lives beside the results store, named by the run's id, and is removed once the run's record is
-written. It holds the method's state (a CMA-ES strategy carries its own random generator, so nothing global needs
-saving), the service's query counts and the run time spent so far, so the resumed run ends with the same result
-and the whole cost.
+written. It holds the method's state (for BBT/BBTv2 a journal of every generation's losses, from which their
+strategies, each with its own random generator, are rebuilt: small enough to carry a long run to another machine;
+for a trainer its tensors), the service's query counts and the run time spent so far, so the resumed run ends with
+the same result and the whole cost.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from pathlib import Path
 
 log = logging.getLogger("harness")
 # 2: strategies own their random streams and traces record pycma's stops; a version-1 checkpoint would resume
-# onto numpy's global stream, so it is not used
-FORMAT = 2
+# onto numpy's global stream, so it is not used. 3: BBT/BBTv2 keep a journal of losses, not pickled strategies.
+FORMAT = 3
 
 
 class Checkpoint:

@@ -342,10 +342,13 @@ def test_a_killed_run_resumes_in_a_new_process_to_the_uninterrupted_result(metho
 
     killed = driver(str(kill_at))
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-3000:]
-    state = pickle.loads((tmp_path / "run.pkl").read_bytes())["state"]
-    assert state["calls"] == kill_at
+    saved = pickle.loads((tmp_path / "run.pkl").read_bytes())["state"]
+    assert saved["calls"] == kill_at and len(saved["journal"]) == kill_at // 10
+    # the journal, not the strategies (their 300 x 300 matrices alone would be over 2 MB)
+    assert "es" not in saved and "strategies" not in saved and (tmp_path / "run.pkl").stat().st_size < 100_000
     # a hard place to stop: the next generation of a strategy starts with pycma's lazy eigendecomposition of its
     # covariance and, for BBTv2, the round is half done
+    state = _replayed(method_name, saved["journal"])
     es = state["es"] if method_name == "bbt" else state["strategies"][0]
     assert es.sm.count_tell >= es.sm.last_update + es.sm.lazy_update_gap and es.sm.last_update == 0
     if method_name == "bbtv2":
@@ -359,6 +362,32 @@ def test_a_killed_run_resumes_in_a_new_process_to_the_uninterrupted_result(metho
     np.testing.assert_array_equal(resumed["best_z"], whole["best_z"])
     np.testing.assert_array_equal(resumed["predictions"], whole["predictions"])
     assert resumed["queries"] == whole["queries"]  # each call counted once over both attempts
+
+
+def _replayed(method_name: str, journal: list, checkpoint=None):
+    """The resume driver's method, its strategies rebuilt from a journal of losses (no model needed)."""
+    from tests.resume_driver import SETTINGS
+
+    overrides, layers = SETTINGS[method_name]
+    card, cls = get_card("sst2"), get_method(method_name)
+    config = cls.config_class(popsize=10, intrinsic_dim=300, n_tokens=2, **overrides)
+    method = cls(config, RunContext(card, PromptFormat(card, "clm", ""), 42, checkpoint=checkpoint))
+    method.slots = 1 if method_name == "bbt" else layers
+    return method._replay(method._fresh(), journal) if checkpoint is None else method._resume(method._fresh())
+
+
+def test_a_journal_that_does_not_replay_to_its_checkpoint_is_refused(tmp_path):
+    """A checkpoint whose losses were altered (or whose method changed its update) must not resume silently."""
+    from harness.checkpoint import Checkpoint
+
+    journal = np.random.RandomState(0).rand(4, 10).tolist()
+    saved = {"journal": journal, "best_loss": min(map(min, journal)), "best_logits": np.zeros((8, 2)), "calls": 40,
+             "trace": {"train": [], "dev": [], "stopped": []}, "best_dev": (50.0, 0.7), "best_z": np.zeros((1, 300))}
+    Checkpoint(tmp_path / "ok.pkl").save(saved)
+    assert len(_replayed("bbt", None, Checkpoint(tmp_path / "ok.pkl"))["journal"]) == 4
+    Checkpoint(tmp_path / "bad.pkl").save({**saved, "best_loss": saved["best_loss"] - 0.1})
+    with pytest.raises(HarnessError, match="does not replay"):
+        _replayed("bbt", None, Checkpoint(tmp_path / "bad.pkl"))
 
 
 def test_an_older_checkpoint_is_not_resumed(tmp_path):
