@@ -203,7 +203,7 @@ class _BlackBoxPromptSearch(Method):
     def _save(self, loop: dict) -> None:
         """Checkpoint after a dev check: the journal of every generation's losses, which rebuilds the strategies
         (`_replay`), and what the run keeps. Pickled pycma strategies hold d x d matrices (4 MB for BBT at d = 500,
-        74 MB for BBTv2's 18 on Gemma); the journal is tens of kB, small enough to carry a run between machines."""
+        74 MB for BBTv2's 18 on Gemma); the journal is at most a few hundred kB, small enough to carry between machines."""
         if self.ctx.checkpoint is not None:
             kept = {"calls": self.calls, "trace": self._trace, "best_dev": self._best_dev, "best_z": self.best_z}
             self.ctx.checkpoint.save({**{k: loop[k] for k in ("journal", "best_loss", "best_logits")}, **kept})
@@ -227,7 +227,7 @@ class _BlackBoxPromptSearch(Method):
 
     def _tell(self, state: dict, es: cma.CMAEvolutionStrategy, z: np.ndarray, losses: list[float], logits=None) -> int:
         """CMA-ES's update for one generation, journaled, and the best train loss; returns the best candidate's
-        index. The same code runs live and in a replay (logits None), so a resumed strategy is the same object."""
+        index. The same code runs live and in a replay (logits None), so a resumed strategy is in the same state."""
         es.tell(list(z), losses)
         state["journal"].append([float(v) for v in losses])
         i = int(np.argmin(losses))
