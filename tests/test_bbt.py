@@ -348,7 +348,8 @@ def test_a_killed_run_resumes_in_a_new_process_to_the_uninterrupted_result(metho
     assert "es" not in saved and "strategies" not in saved and (tmp_path / "run.pkl").stat().st_size < 100_000
     # a hard place to stop: the next generation of a strategy starts with pycma's lazy eigendecomposition of its
     # covariance and, for BBTv2, the round is half done
-    state = _replayed(method_name, saved["journal"])
+    method = _driver_method(method_name)
+    state = method._replay(method._fresh(), saved["journal"])
     es = state["es"] if method_name == "bbt" else state["strategies"][0]
     assert es.sm.count_tell >= es.sm.last_update + es.sm.lazy_update_gap and es.sm.last_update == 0
     if method_name == "bbtv2":
@@ -364,8 +365,8 @@ def test_a_killed_run_resumes_in_a_new_process_to_the_uninterrupted_result(metho
     assert resumed["queries"] == whole["queries"]  # each call counted once over both attempts
 
 
-def _replayed(method_name: str, journal: list, checkpoint=None):
-    """The resume driver's method, its strategies rebuilt from a journal of losses (no model needed)."""
+def _driver_method(method_name: str, checkpoint=None):
+    """The resume driver's method and setting, set up far enough to rebuild its strategies (no model needed)."""
     from tests.resume_driver import SETTINGS
 
     overrides, layers = SETTINGS[method_name]
@@ -373,7 +374,7 @@ def _replayed(method_name: str, journal: list, checkpoint=None):
     config = cls.config_class(popsize=10, intrinsic_dim=300, n_tokens=2, **overrides)
     method = cls(config, RunContext(card, PromptFormat(card, "clm", ""), 42, checkpoint=checkpoint))
     method.slots = 1 if method_name == "bbt" else layers
-    return method._replay(method._fresh(), journal) if checkpoint is None else method._resume(method._fresh())
+    return method
 
 
 def test_a_journal_that_does_not_replay_to_its_checkpoint_is_refused(tmp_path):
@@ -384,10 +385,12 @@ def test_a_journal_that_does_not_replay_to_its_checkpoint_is_refused(tmp_path):
     saved = {"journal": journal, "best_loss": min(map(min, journal)), "best_logits": np.zeros((8, 2)), "calls": 40,
              "trace": {"train": [], "dev": [], "stopped": []}, "best_dev": (50.0, 0.7), "best_z": np.zeros((1, 300))}
     Checkpoint(tmp_path / "ok.pkl").save(saved)
-    assert len(_replayed("bbt", None, Checkpoint(tmp_path / "ok.pkl"))["journal"]) == 4
+    method = _driver_method("bbt", Checkpoint(tmp_path / "ok.pkl"))
+    assert len(method._resume(method._fresh())["journal"]) == 4
     Checkpoint(tmp_path / "bad.pkl").save({**saved, "best_loss": saved["best_loss"] - 0.1})
+    method = _driver_method("bbt", Checkpoint(tmp_path / "bad.pkl"))
     with pytest.raises(HarnessError, match="does not replay"):
-        _replayed("bbt", None, Checkpoint(tmp_path / "bad.pkl"))
+        method._resume(method._fresh())
 
 
 def test_an_older_checkpoint_is_not_resumed(tmp_path):
