@@ -6,7 +6,8 @@ A checkpoint lives beside the results store, named by the run's id, and is remov
 written. It holds the method's state (for BBT/BBTv2 a journal of every generation's losses, from which their
 strategies, each with its own random generator, are rebuilt: small enough to carry a long run to another machine;
 for a trainer its tensors), the service's query counts and the run time spent so far, so the resumed run ends with
-the same result and the whole cost.
+the same result and the whole cost. It also keeps where each stretch of the run computed (device, CPU threads):
+a search that moves to another device or thread count goes another way from there, and its record says so.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import pickle
 import time
 from pathlib import Path
 
+from harness.meters import current_place
+
 log = logging.getLogger("harness")
 # 2: strategies own their random streams and traces record pycma's stops; a version-1 checkpoint would resume
 # onto numpy's global stream, so it is not used. 3: BBT/BBTv2 keep a journal of losses, not pickled strategies.
@@ -24,12 +27,14 @@ FORMAT = 3
 
 
 class Checkpoint:
-    def __init__(self, path: Path, meter=None):
+    def __init__(self, path: Path, meter=None, where: str | None = None):
         self.path = Path(path)
         self.meter = meter  # the service's QueryMeter, restored with the state (None for gradient methods)
         self.started = time.time()
         self.earlier_s = 0.0  # run time spent by earlier, interrupted attempts
         self.resumed_at: list[int] = []
+        self.where = where or current_place()
+        self.ran_on: list[list] = [[0, self.where]]  # [from (calls or steps), place] per stretch of the run
 
     def save(self, state: dict) -> None:
         payload = {
@@ -38,6 +43,7 @@ class Checkpoint:
             "meter": dict(self.meter.phases) if self.meter else None,
             "elapsed_s": self.earlier_s + time.time() - self.started,
             "resumed_at": self.resumed_at,
+            "ran_on": self.ran_on,
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
@@ -62,5 +68,14 @@ class Checkpoint:
         self.earlier_s = payload["elapsed_s"]
         self.started = time.time()
         state = payload["state"]  # where it resumes: API calls for a search, optimiser steps for a trainer
-        self.resumed_at = payload["resumed_at"] + [state["calls"] if "calls" in state else state.get("step", 0)]
-        return payload["state"]
+        at = state["calls"] if "calls" in state else state.get("step", 0)
+        self.resumed_at = payload["resumed_at"] + [at]
+        earlier = payload.get("ran_on") or [[0, None]]  # None: saved before checkpoints kept where they ran
+        if earlier[-1][1] != self.where:
+            before = f"on {earlier[-1][1]}" if earlier[-1][1] else "where its checkpoint does not say"
+            log.warning("    %s: the run so far computed %s; from %d on it computes on %s, and may not end where an "
+                        "uninterrupted run would (its record says which part ran where)", self.path.name, before, at,
+                        self.where)
+            earlier = earlier + [[at, self.where]]
+        self.ran_on = earlier
+        return state

@@ -39,6 +39,18 @@ def device_description() -> str:
     return f"cpu:{platform.machine()} x{psutil.cpu_count()}" + (" bf16" if cpu_has_fast_bf16() else "")
 
 
+def place(device: str, threads: int | None) -> str:
+    """The device, and on a CPU the threads torch used (where known): the thread count changes the order of
+    bf16/float32 sums, which a search can amplify, and a run given one thread beside another takes longer."""
+    if threads and device.startswith("cpu:"):
+        return f"{device} ({threads} thread{'s' * (threads > 1)})"
+    return device
+
+
+def current_place() -> str:
+    return place(device_description(), torch.get_num_threads())
+
+
 class _NvmlSampler:
     """Samples the GPU's used memory every few milliseconds and keeps the peak."""
 

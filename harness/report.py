@@ -13,21 +13,13 @@ from pathlib import Path
 import pandas as pd
 
 from harness.errors import HarnessError
+from harness.meters import place
 from harness.paired import ALPHA, RESAMPLES, Paired, pair_runs
 from harness.progress import duration
 from harness.record import RunRecord
 
 TASK_ORDER = ["sst2", "yelpp", "agnews", "dbpedia", "mrpc", "snli", "rte"]  # the papers' column order
 GROUP_ORDER = ["gradient-based", "gradient-free"]
-
-
-def _device(meters: dict) -> str:
-    """The device, and on a CPU the threads torch used: a run given one thread beside another run takes longer
-    than one given every core, and its train time should say why."""
-    device, threads = meters["device"], meters.get("torch_threads")
-    if threads and device.startswith("cpu:"):
-        return f"{device} ({threads} thread{'s' * (threads > 1)})"
-    return device
 
 
 CELL = ["backbone", "profile", "dtype", "method", "task", "seed"]
@@ -60,7 +52,7 @@ def load_frame(records: list[RunRecord]) -> pd.DataFrame:
                 "deployment_efficient": r.deployment_efficient,
                 "fit_s": meters.get("fit_s"),
                 "wall_s": meters["wall_s"],
-                "device": _device(meters),
+                "device": place(meters["device"], meters.get("torch_threads")),
                 "server_gpu_mb": meters.get("server_gpu_peak_mb"),
                 "cpu_rss_mb": meters.get("cpu_rss_peak_mb"),
                 "user_mb": meters.get("user_heap_peak_mb", 0) + meters.get("user_tensor_mb", 0),
@@ -334,11 +326,18 @@ def _shots(frame: pd.DataFrame) -> str:
 
 
 def _resumed_at(meters: dict) -> str:
-    """"40 calls" (a search), "300 steps" (a trainer), "40, 120 calls" (resumed twice), or "" (never resumed)."""
+    """"40 calls" (a search), "300 steps" (a trainer), "40, 120 calls" (resumed twice), or "" (never resumed); where
+    a resume moved the run to another device or thread count, where each stretch ran: "120 calls (0-119 on A, 120- on B)"."""
     for unit in ("calls", "steps"):
         at = meters.get(f"resumed_at_{unit}")
         if at:
-            return f"{', '.join(str(c) for c in at)} {unit}"
+            text = f"{', '.join(str(c) for c in at)} {unit}"
+            stretches = meters.get("ran_on", [])
+            if stretches:
+                ends = [start - 1 for start, _ in stretches[1:]] + [""]
+                text += " (" + ", ".join(f"{start}-{end} on {where or 'a device not recorded'}"
+                                         for (start, where), end in zip(stretches, ends)) + ")"
+            return text
     return ""
 
 
@@ -540,7 +539,8 @@ def convergence_figures(records: list[RunRecord], folder: Path) -> list[Path]:
         figure, (loss_ax, dev_ax) = plt.subplots(1, 2, figsize=(10, height))
         ordered = sorted(runs, key=lambda r: (_rank(r.method), r.method, r.seed, r.profile, r.dtype))
         for r, color in zip(ordered, _line_colors(len(ordered))):
-            label = f"{r.method} seed {r.seed}, {r.profile}, {r.dtype}, {_device(r.meters)}"
+            where = place(r.meters["device"], r.meters.get("torch_threads"))
+            label = f"{r.method} seed {r.seed}, {r.profile}, {r.dtype}, {where}"
             train, dev = r.trace["train"], r.trace["dev"]
             loss_ax.plot([t["calls"] for t in train], [t["best_loss"] for t in train], color=color, label=label)
             dev_ax.plot([d["calls"] for d in dev], [d["metric"] for d in dev], marker="o", markersize=3, color=color,

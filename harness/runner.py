@@ -153,6 +153,8 @@ def run_one(
         meters["wall_s"] += checkpoint.earlier_s
         meters["fit_s"] += checkpoint.earlier_s
         meters["resumed_at_calls" if cls.as_a_service else "resumed_at_steps"] = checkpoint.resumed_at
+        if len(checkpoint.ran_on) > 1:  # the device or thread count changed at a resume
+            meters["ran_on"] = checkpoint.ran_on
     gold = np.array([e["label"] for e in split.eval])
     return RunRecord(
         run_id=spec.run_id,

@@ -404,6 +404,30 @@ def test_an_older_checkpoint_is_not_resumed(tmp_path):
     assert checkpoint.load() is None and checkpoint.resumed_at == [] and checkpoint.earlier_s == 0
 
 
+def test_a_checkpoint_keeps_where_each_stretch_of_its_run_computed(tmp_path, caplog):
+    from harness.checkpoint import Checkpoint
+
+    path = tmp_path / "run.pkl"
+    Checkpoint(path, where="A").save({"calls": 20})
+    same = Checkpoint(path, where="A")
+    same.load()
+    assert same.ran_on == [[0, "A"]] and "computes on" not in caplog.text
+    moved = Checkpoint(path, where="B")
+    moved.load()
+    assert moved.ran_on == [[0, "A"], [20, "B"]]
+    assert "the run so far computed on A; from 20 on it computes on B" in caplog.text
+    moved.save({"calls": 40})
+    back = Checkpoint(path, where="A")
+    back.load()
+    assert back.ran_on == [[0, "A"], [20, "B"], [40, "A"]] and back.resumed_at == [20, 40]
+    earlier = pickle.loads(path.read_bytes())  # a checkpoint saved before they kept it: not recorded, not assumed
+    del earlier["ran_on"]
+    path.write_bytes(pickle.dumps(earlier))
+    unknown = Checkpoint(path, where="A")
+    unknown.load()
+    assert unknown.ran_on == [[0, None], [40, "A"]]
+
+
 def _search(config, service=None, progress=None):
     """BBT or BBTv2 (as the config's class says) on sst2 with the clm template, seed 42."""
     from harness.progress import RunProgress

@@ -129,6 +129,7 @@ def test_an_interrupted_bbt_run_resumes_in_the_next_grid_and_counts_its_whole_ti
     store = ResultsStore(tmp_path)
     record = _killed_at_first_checkpoint_then_resumed(spec, store, shared_data, monkeypatch)
     assert record.meters["resumed_at_calls"] == [20] and record.trace["calls"] == 40
+    assert "ran_on" not in record.meters  # both attempts computed here, with the same threads
     assert record.queries["train"]["queries"] == 40  # both attempts' calls, each once
     assert not store.checkpoint_path(spec.run_id).exists()
     # the report marks the resumed run's cells and says where it was taken up again
@@ -322,13 +323,13 @@ def test_the_seeds_column_names_a_task_that_ran_other_seeds():
 
 
 def test_a_cpu_run_says_how_many_threads_it_had():
-    from harness.report import _device
+    from harness.meters import place
 
-    assert _device({"device": "cpu:x86_64 x2", "torch_threads": 1}) == "cpu:x86_64 x2 (1 thread)"
-    assert _device({"device": "cpu:x86_64 x2", "torch_threads": 2}) == "cpu:x86_64 x2 (2 threads)"
-    assert _device({"device": "cuda:NVIDIA H200", "torch_threads": 1}) == "cuda:NVIDIA H200"
-    assert _device({"device": "cpu:x86_64 x2"}) == "cpu:x86_64 x2"  # records from before threads were metered
-    assert _device({"device": "cpu:x86_64 x2 bf16", "torch_threads": 1}) == "cpu:x86_64 x2 bf16 (1 thread)"
+    assert place("cpu:x86_64 x2", 1) == "cpu:x86_64 x2 (1 thread)"
+    assert place("cpu:x86_64 x2", 2) == "cpu:x86_64 x2 (2 threads)"
+    assert place("cuda:NVIDIA H200", 1) == "cuda:NVIDIA H200"
+    assert place("cpu:x86_64 x2", None) == "cpu:x86_64 x2"  # records from before threads were metered
+    assert place("cpu:x86_64 x2 bf16", 1) == "cpu:x86_64 x2 bf16 (1 thread)"
 
 
 def test_a_report_keeps_its_published_records_and_takes_the_stores_newer_ones(tmp_path):
@@ -365,6 +366,22 @@ def test_what_the_gradient_methods_trained_is_listed_in_the_tables_method_order(
     assert part_trained(runs)["lora"] == "LoRA r=8"
 
 
+def test_a_run_resumed_on_another_device_records_where_each_stretch_ran(tmp_path, shared_data, tiny, monkeypatch):
+    """A committed checkpoint lets another machine take a long run up; the search goes another way from there
+    (other sums), so the record and the report say which calls ran where."""
+    import harness.checkpoint
+
+    places = iter(["cpu:x86_64 x2 bf16 (1 thread)", "cuda:NVIDIA H100 80GB HBM3"])
+    monkeypatch.setattr(harness.checkpoint, "current_place", lambda: next(places))
+    settings = {"bbt": {"budget": 40, "popsize": 10, "intrinsic_dim": 10, "n_tokens": 4, "eval_every": 20}}
+    spec = RunSpec("bbt", "sst2", 13, "tiny-gpt2", 16, 8, vars(method_config("bbt", PROFILE, settings=settings)))
+    store = ResultsStore(tmp_path)
+    record = _killed_at_first_checkpoint_then_resumed(spec, store, shared_data, monkeypatch)
+    assert record.meters["ran_on"] == [[0, "cpu:x86_64 x2 bf16 (1 thread)"], [20, "cuda:NVIDIA H100 80GB HBM3"]]
+    assert ("bbt/sst2/seed13 at 20 calls (0-19 on cpu:x86_64 x2 bf16 (1 thread), 20- on cuda:NVIDIA H100 80GB HBM3)"
+            in render(store.records()))
+
+
 def test_an_interrupted_gradient_run_resumes_at_its_step_in_the_next_grid(tmp_path, shared_data, tiny, monkeypatch):
     config = method_config("lora", PROFILE, settings={"lora": {"steps": 4, "eval_every": 2, "batch_size": 4}})
     spec = RunSpec("lora", "sst2", 13, "tiny-gpt2", 16, 8, vars(config))
@@ -383,6 +400,8 @@ def test_resumed_runs_are_listed_in_the_tables_method_and_task_order():
     assert _resumed_at({"resumed_at_calls": [40, 120]}) == "40, 120 calls"
     assert _resumed_at({"resumed_at_steps": [300]}) == "300 steps"  # a gradient baseline's trainer
     assert _resumed_at({}) == _resumed_at({"resumed_at_calls": []}) == ""
+    moved = {"resumed_at_calls": [40, 120], "ran_on": [[0, None], [40, "A"], [120, "B"]]}  # None: not recorded
+    assert _resumed_at(moved) == "40, 120 calls (0-39 on a device not recorded, 40-119 on A, 120- on B)"
     runs = pd.DataFrame({"method": ["bbt", "bbt", "bbtv2", "bbt", "bbt", "lora"],
                          "group": ["gradient-free"] * 5 + ["gradient-based"],
                          "task": ["rte", "snli", "mrpc", "mrpc", "sst2", "sst2"], "seed": 42,
