@@ -7,7 +7,7 @@ Every table says which backbone, device, profile and package versions it comes f
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pandas as pd
@@ -414,10 +414,12 @@ def departures(frame: pd.DataFrame) -> list[str]:
             except HarnessError:  # a method no longer registered
                 continue
             theirs = asdict(config)
+            ran = {k: v for k, v in r.spec.config.items() if k in theirs}
+            idle = replace(config, **ran).idle()  # e.g. quick BBTv2's budget on dbpedia: its rounds decide
             off = {f.name: f.metadata["unset"] for f in fields(config)  # "rounds 1 (paper: none; ...)", not "paper 0"
                    if f.metadata.get("unset") and theirs[f.name] == f.default}
             changed = [f"{k} {v} (paper: {off[k]})" if k in off else f"{k} {v} (paper {theirs[k]})"
-                       for k, v in sorted(r.spec.config.items()) if k in theirs and theirs[k] != v]
+                       for k, v in sorted(ran.items()) if theirs[k] != v and k not in idle]
             if changed:
                 by_change.setdefault(", ".join(changed), []).append(r.task)
         for change, tasks in by_change.items():

@@ -69,6 +69,11 @@ class MethodConfig:
             out.append((f.name, default, help))
         return out
 
+    def idle(self) -> set[str]:
+        """Settings this configuration leaves without effect (BBTv2's call budget once `rounds` is set): the
+        report's departures skip them, so a reader is not told of a difference that changed nothing."""
+        return set()
+
 
 class Method:
     name: ClassVar[str]

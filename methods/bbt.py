@@ -68,6 +68,9 @@ class BBTConfig(MethodConfig):
     # the reference README recommends 20,000 API calls for DBpedia (in its BBT section); BBTv2 gets the same
     task_profiles = {"paper": {"dbpedia": {"budget": 20000}}, "quick": {"sst2": {"budget": 600}, "agnews": {"budget": 300}}}
 
+    def idle(self) -> set[str]:
+        return {"rounds"}  # BBT spends its budget; rounds is BBTv2's
+
 
 @dataclass
 class BBTv2Config(BBTConfig):
@@ -82,6 +85,9 @@ class BBTv2Config(BBTConfig):
 
     profiles = {"quick": {"rounds": 1, "eval_every": 60}}  # one generation per layer: 18 x 20 calls on Gemma
     task_profiles = {"paper": BBTConfig.task_profiles["paper"]}  # BBT's quick budgets are not BBTv2's (rounds)
+
+    def idle(self) -> set[str]:
+        return {"budget"} if self.rounds else set()
 
 
 class _BlackBoxPromptSearch(Method):

@@ -75,6 +75,8 @@ def test_the_report_marks_significant_cells_and_says_where_the_profile_departs(t
         record("icl", "sst2", 42, [0] * 198 + [1, 1], gold, cap=400),  # one row apart from manual
         record("manual", "dbpedia", 42, [0] * 200, gold, cap=400, k_shot=4),
         record("bbtv2", "sst2", 42, gold, gold, config={"rounds": 1}, cap=400),
+        record("bbtv2", "dbpedia", 42, gold, gold, config={"rounds": 1, "budget": 8000}, cap=400, k_shot=4),
+        record("bbt", "dbpedia", 42, gold, gold, config={"rounds": 1, "budget": 300}, cap=400, k_shot=4),
     ]
     text = render(runs)
     comparison = text.split("### Comparison")[1].split("###")[0]
@@ -83,9 +85,10 @@ def test_the_report_marks_significant_cells_and_says_where_the_profile_departs(t
     assert cells == {"manual": "50.00", "icl": "50.00", "bbt": "100.00 ▲", "bbtv2": "100.00 ▲"}  # icl: two rows apart, no mark
     assert "bbt − manual" in text and "+50.00 (p < 0.001) ▲" in text
     assert "eval capped at 400 rows per task" in text and "1 split (seed 42), not the papers' 3" in text
-    assert "seeds 42; 3 of the 8 cells not run); 5s of wall time in all (the sum of the runs' own)" in text  # wall_s 1.0 each
-    assert "bbt on sst2: budget 300 (paper 8000)" in text
-    assert "bbtv2 on sst2: rounds 1 (paper: none; the call budget decides)" in text  # not "(paper 0)"
+    assert "seeds 42; 1 of the 8 cells not run); 7s of wall time in all (the sum of the runs' own)" in text  # wall_s 1.0 each
+    assert "bbt on sst2: budget 300 (paper 8000)" in text and "bbt on dbpedia: budget 300 (paper 20000)\n" in text
+    # rounds decide BBTv2's calls, so its budget (paper: 20,000 on dbpedia) is no departure; BBT ignores rounds
+    assert "bbtv2 on sst2, dbpedia: rounds 1 (paper: none; the call budget decides)" in text  # not "(paper 0)"
     assert "dbpedia: 4 shots per class (the papers: 16)" in text and "### Comparison (16-shot; dbpedia 4-shot;" in text
 
 
