@@ -351,6 +351,23 @@ def resumed_runs(frame: pd.DataFrame) -> str:
     return "; ".join(f"{r.method}/{r.task}/seed{r.seed} at {r.resumed_at}" for r in ordered)
 
 
+def stopped_runs(frame: pd.DataFrame) -> str:
+    """The searches pycma's own criteria ended, or froze layers of, before their call budget (BBT: "at 4740 calls");
+    a BBTv2 run whose other layers went on names each frozen layer, then the calls it spent."""
+    def where(r) -> str:
+        stops, calls, budget = r.trace["stopped"], r.trace.get("calls"), r.spec.config.get("budget")
+        why = [", ".join(sorted(s["reason"])) for s in stops]
+        if len(stops) == 1 and stops[0]["calls"] == calls:
+            return f" at {calls} calls ({why[0]}; budget {budget})"
+        layers = ", ".join(f"layer {s['slot']} at {s['calls']} calls ({w})" for s, w in zip(stops, why))
+        return f": {layers}; {calls} calls spent (budget {budget})"
+
+    runs = [r for r in frame["record"] if (r.trace or {}).get("stopped")]
+    methods, tasks = _method_order(frame), _ordered_tasks(frame["task"])
+    runs.sort(key=lambda r: (methods.index(r.method), tasks.index(r.task), r.seed))
+    return "; ".join(f"{r.method}/{r.task}/seed{r.seed}{where(r)}" for r in runs)
+
+
 def provenance(frame: pd.DataFrame) -> str:
     grid = frame["method"].nunique() * frame["task"].nunique() * frame["seed"].nunique()
     empty = grid - len(frame[["method", "task", "seed"]].drop_duplicates())
@@ -377,6 +394,9 @@ def provenance(frame: pd.DataFrame) -> str:
     runs = resumed_runs(frame)
     if runs:
         lines.append(f"- resumed runs (‡): interrupted, then resumed from a mid-run checkpoint: {runs}")
+    stopped = stopped_runs(frame)
+    if stopped:
+        lines.append(f"- searches stopped before their budget by pycma's own criteria (`es.stop()`): {stopped}")
     legacy = frame[frame["legacy"]]
     if len(legacy):
         lines.append(f"- legacy records (§): {len(legacy)} of {len(frame)} runs were recorded before a run's identity covered "

@@ -92,6 +92,23 @@ def test_the_report_marks_significant_cells_and_says_where_the_profile_departs(t
     assert "dbpedia: 4 shots per class (the papers: 16)" in text and "### Comparison (16-shot; dbpedia 4-shot;" in text
 
 
+def test_the_report_says_which_searches_pycma_stopped_before_their_budget():
+    gold = [0, 1] * 10
+    stop = lambda slot, calls, why: {"slot": slot, "calls": calls, "reason": {why: 1}}  # noqa: E731
+    runs = [
+        record("manual", "mrpc", 42, gold, gold),
+        record("bbt", "mrpc", 42, gold, gold, config={"budget": 8000},
+               trace={"calls": 4740, "stopped": [stop(0, 4740, "tolflatfitness")]}),
+        record("bbt", "rte", 42, gold, gold, config={"budget": 8000}, trace={"calls": 8000, "stopped": []}),
+        record("bbtv2", "mrpc", 42, gold, gold, config={"budget": 8000},
+               trace={"calls": 7000, "stopped": [stop(3, 1200, "tolfun"), stop(0, 3000, "tolflatfitness")]}),
+    ]
+    line = next(line for line in render(runs).splitlines() if line.startswith("- searches stopped"))
+    assert line.split(": ", 1)[1] == (
+        "bbt/mrpc/seed42 at 4740 calls (tolflatfitness; budget 8000); bbtv2/mrpc/seed42: layer 3 at 1200 calls "
+        "(tolfun), layer 0 at 3000 calls (tolflatfitness); 7000 calls spent (budget 8000)")
+
+
 def test_the_cost_table_gives_each_task_its_device_where_they_differ():
     from harness.report import cost_table, load_frame
 
