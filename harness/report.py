@@ -351,16 +351,32 @@ def resumed_runs(frame: pd.DataFrame) -> str:
     return "; ".join(f"{r.method}/{r.task}/seed{r.seed} at {r.resumed_at}" for r in ordered)
 
 
+def _configs(r: RunRecord):
+    """(the paper profile's config for r's method and task, r's own: the same with r's recorded values), or
+    (None, None) for a method no longer registered."""
+    from harness.profiles import get_profile
+    from harness.settings import method_config
+
+    try:
+        paper = method_config(r.method, get_profile("paper"), r.task, settings={})
+    except HarnessError:
+        return None, None
+    names = {f.name for f in fields(paper)}
+    return paper, replace(paper, **{k: v for k, v in r.spec.config.items() if k in names})
+
+
 def stopped_runs(frame: pd.DataFrame) -> str:
     """The searches pycma's own criteria ended, or froze layers of, before their call budget (BBT: "at 4740 calls");
     a BBTv2 run whose other layers went on names each frozen layer, then the calls it spent."""
     def where(r) -> str:
-        stops, calls, budget = r.trace["stopped"], r.trace.get("calls"), r.spec.config.get("budget")
+        stops, calls, ran = r.trace["stopped"], r.trace.get("calls"), _configs(r)[1]
+        planned = ("budget ?" if ran is None else f"rounds {ran.rounds}" if "budget" in ran.idle()
+                   else f"budget {ran.budget}")
         why = [", ".join(sorted(s["reason"])) for s in stops]
         if len(stops) == 1 and stops[0]["calls"] == calls:
-            return f" at {calls} calls ({why[0]}; budget {budget})"
+            return f" at {calls} calls ({why[0]}; {planned})"
         layers = ", ".join(f"layer {s['slot']} at {s['calls']} calls ({w})" for s, w in zip(stops, why))
-        return f": {layers}; {calls} calls spent (budget {budget})"
+        return f": {layers}; {calls} calls spent ({planned})"
 
     runs = [r for r in frame["record"] if (r.trace or {}).get("stopped")]
     methods, tasks = _method_order(frame), _ordered_tasks(frame["task"])
@@ -411,7 +427,6 @@ def departures(frame: pd.DataFrame) -> list[str]:
     """Where these runs depart from the papers' protocol (the `paper` profile): eval caps, seeds, and each method's
     settings that differ from the paper profile's, read from the runs' own specs."""
     from harness.profiles import get_profile
-    from harness.settings import method_config
 
     paper = get_profile("paper")
     out = []
@@ -429,13 +444,11 @@ def departures(frame: pd.DataFrame) -> list[str]:
     for method in _method_order(frame):
         by_change: dict[str, list[str]] = {}
         for r in frame[frame["method"] == method]["record"]:
-            try:
-                config = method_config(method, paper, r.task, settings={})
-            except HarnessError:  # a method no longer registered
+            config, own = _configs(r)
+            if config is None:  # a method no longer registered
                 continue
-            theirs = asdict(config)
-            ran = {k: v for k, v in r.spec.config.items() if k in theirs}
-            idle = replace(config, **ran).idle()  # e.g. quick BBTv2's budget on dbpedia: its rounds decide
+            theirs, ran = asdict(config), asdict(own)
+            idle = own.idle()  # e.g. quick BBTv2's budget on dbpedia: its rounds decide
             off = {f.name: f.metadata["unset"] for f in fields(config)  # "rounds 1 (paper: none; ...)", not "paper 0"
                    if f.metadata.get("unset") and theirs[f.name] == f.default}
             changed = [f"{k} {v} (paper: {off[k]})" if k in off else f"{k} {v} (paper {theirs[k]})"

@@ -102,11 +102,14 @@ def test_the_report_says_which_searches_pycma_stopped_before_their_budget():
         record("bbt", "rte", 42, gold, gold, config={"budget": 8000}, trace={"calls": 8000, "stopped": []}),
         record("bbtv2", "mrpc", 42, gold, gold, config={"budget": 8000},
                trace={"calls": 7000, "stopped": [stop(3, 1200, "tolfun"), stop(0, 3000, "tolflatfitness")]}),
+        record("bbtv2", "rte", 42, gold, gold, config={"budget": 8000, "rounds": 1},  # rounds decide, not the budget
+               trace={"calls": 360, "stopped": [stop(2, 200, "tolfun")]}),
     ]
     line = next(line for line in render(runs).splitlines() if line.startswith("- searches stopped"))
     assert line.split(": ", 1)[1] == (
         "bbt/mrpc/seed42 at 4740 calls (tolflatfitness; budget 8000); bbtv2/mrpc/seed42: layer 3 at 1200 calls "
-        "(tolfun), layer 0 at 3000 calls (tolflatfitness); 7000 calls spent (budget 8000)")
+        "(tolfun), layer 0 at 3000 calls (tolflatfitness); 7000 calls spent (budget 8000); bbtv2/rte/seed42: layer 2 "
+        "at 200 calls (tolfun); 360 calls spent (rounds 1)")
 
 
 def test_the_cost_table_gives_each_task_its_device_where_they_differ():
