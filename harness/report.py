@@ -341,14 +341,18 @@ def _resumed_at(meters: dict) -> str:
     return ""
 
 
+def _in_table_order(part: pd.DataFrame) -> list:
+    """part's rows in the tables' method and task order, then by seed (not the records')."""
+    if part.empty:
+        return []
+    methods, tasks = _method_order(part), _ordered_tasks(part["task"])
+    return sorted(part.itertuples(), key=lambda r: (methods.index(r.method), tasks.index(r.task), r.seed))
+
+
 def resumed_runs(frame: pd.DataFrame) -> str:
-    """The runs resumed from a checkpoint, in the tables' method and task order (not the records')."""
-    resumed = frame[frame["resumed_at"] != ""]
-    if resumed.empty:
-        return ""
-    methods, tasks = _method_order(resumed), _ordered_tasks(resumed["task"])
-    ordered = sorted(resumed.itertuples(), key=lambda r: (methods.index(r.method), tasks.index(r.task), r.seed))
-    return "; ".join(f"{r.method}/{r.task}/seed{r.seed} at {r.resumed_at}" for r in ordered)
+    """The runs resumed from a checkpoint."""
+    resumed = _in_table_order(frame[frame["resumed_at"] != ""])
+    return "; ".join(f"{r.method}/{r.task}/seed{r.seed} at {r.resumed_at}" for r in resumed)
 
 
 def _configs(r: RunRecord):
@@ -378,10 +382,8 @@ def stopped_runs(frame: pd.DataFrame) -> str:
         layers = ", ".join(f"layer {s['slot']} at {s['calls']} calls ({w})" for s, w in zip(stops, why))
         return f": {layers}; {calls} calls spent ({planned})"
 
-    runs = [r for r in frame["record"] if (r.trace or {}).get("stopped")]
-    methods, tasks = _method_order(frame), _ordered_tasks(frame["task"])
-    runs.sort(key=lambda r: (methods.index(r.method), tasks.index(r.task), r.seed))
-    return "; ".join(f"{r.method}/{r.task}/seed{r.seed}{where(r)}" for r in runs)
+    stopped = _in_table_order(frame[frame["record"].map(lambda r: bool((r.trace or {}).get("stopped")))])
+    return "; ".join(f"{r.method}/{r.task}/seed{r.seed}{where(r.record)}" for r in stopped)
 
 
 def provenance(frame: pd.DataFrame) -> str:
