@@ -372,15 +372,23 @@ def _configs(r: RunRecord):
 def stopped_runs(frame: pd.DataFrame) -> str:
     """The searches pycma's own criteria ended, or froze layers of, before their call budget (BBT: "at 4740 calls");
     a BBTv2 run whose other layers went on names each frozen layer, then the calls it spent."""
+    def planned(r) -> list[str]:
+        """What the run's configuration allowed it: BBTv2's rounds where they decide, else the call budget; none
+        for a plug-in whose configuration has no call budget."""
+        ran = _configs(r)[1]
+        if ran is None:
+            return ["budget ?"]
+        if "budget" in ran.idle():
+            return [f"rounds {ran.rounds}"]
+        return [f"budget {ran.budget}"] if hasattr(ran, "budget") else []
+
     def where(r) -> str:
-        stops, calls, ran = r.trace["stopped"], r.trace.get("calls"), _configs(r)[1]
-        planned = ("budget ?" if ran is None else f"rounds {ran.rounds}" if "budget" in ran.idle()
-                   else f"budget {ran.budget}")
+        stops, calls = r.trace["stopped"], r.trace.get("calls")
         why = [", ".join(sorted(s["reason"])) for s in stops]
         if len(stops) == 1 and stops[0]["calls"] == calls:
-            return f" at {calls} calls ({why[0]}; {planned})"
+            return f" at {calls} calls ({'; '.join([why[0], *planned(r)])})"
         layers = ", ".join(f"layer {s['slot']} at {s['calls']} calls ({w})" for s, w in zip(stops, why))
-        return f": {layers}; {calls} calls spent ({planned})"
+        return f": {layers}; {calls} calls spent" + "".join(f" ({p})" for p in planned(r))
 
     stopped = _in_table_order(frame[frame["record"].map(lambda r: bool((r.trace or {}).get("stopped")))])
     return "; ".join(f"{r.method}/{r.task}/seed{r.seed}{where(r.record)}" for r in stopped)

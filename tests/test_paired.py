@@ -112,6 +112,30 @@ def test_the_report_says_which_searches_pycma_stopped_before_their_budget():
         "at 200 calls (tolfun); 360 calls spent (rounds 1)")
 
 
+def test_a_plugin_search_without_a_call_budget_is_named_stopped_without_one(monkeypatch):
+    from dataclasses import dataclass
+
+    import methods
+    from methods.base import Method, MethodConfig
+
+    @dataclass
+    class AnnealConfig(MethodConfig):
+        steps: int = 100
+
+    class Anneal(Method):  # an outside package's search that reports its early stop as BBT does
+        name, config_class, group, as_a_service, deployment_efficient = (
+            "anneal", AnnealConfig, "gradient-free", True, True)
+
+    methods.get_method("bbt")  # discovery first, so it does not run again inside the report
+    monkeypatch.setitem(methods._REGISTRY, "anneal", Anneal)
+    gold = [0, 1] * 10
+    runs = [record("manual", "sst2", 42, gold, gold),
+            record("anneal", "sst2", 42, gold, gold, config={"steps": 100},
+                   trace={"calls": 40, "stopped": [{"slot": 0, "calls": 40, "reason": {"cooled": 1}}]})]
+    line = next(line for line in render(runs).splitlines() if line.startswith("- searches stopped"))
+    assert line.split(": ", 1)[1] == "anneal/sst2/seed42 at 40 calls (cooled)"
+
+
 def test_the_cost_table_gives_each_task_its_device_where_they_differ():
     from harness.report import cost_table, load_frame
 
