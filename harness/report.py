@@ -10,10 +10,12 @@ from collections import Counter
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from harness.errors import HarnessError
 from harness.meters import place
+from harness.metrics import accuracy, f1
 from harness.paired import ALPHA, RESAMPLES, Paired, pair_runs
 from harness.progress import duration
 from harness.record import RunRecord
@@ -394,6 +396,28 @@ def stopped_runs(frame: pd.DataFrame) -> str:
     return "; ".join(f"{r.method}/{r.task}/seed{r.seed}{where(r.record)}" for r in stopped)
 
 
+def one_class_scores(frame: pd.DataFrame) -> str:
+    """Each task's score for predicting its best single class on every eval row, from the gold labels the records
+    keep: the floor a method has to clear (mrpc's F1 gives predicting "equivalent" everywhere 81, above the papers'
+    BBT). Runs scored on different rows give a range."""
+    cells = []
+    for task in _ordered_tasks(frame["task"]):
+        scores = set()
+        for r in frame.loc[frame["task"] == task, "record"]:
+            gold = r.predictions.gold_ids() if r.predictions is not None else None
+            if gold is None or not len(gold):
+                continue  # a legacy record without gold labels
+            if r.metric == "f1":
+                scores.add(round(100 * f1(gold, np.full_like(gold, r.predictions.positive), r.predictions.positive), 2))
+            else:
+                scores.add(round(100 * max(accuracy(gold, np.full_like(gold, c)) for c in set(gold.tolist())), 2))
+        if scores:
+            name = f"{task} (F1)" if (frame.loc[frame["task"] == task, "metric"] == "f1").any() else task
+            low, high = min(scores), max(scores)
+            cells.append(f"{name} {low:.2f}" if low == high else f"{name} {low:.2f}–{high:.2f}")
+    return ", ".join(cells)
+
+
 def provenance(frame: pd.DataFrame) -> str:
     grid = frame["method"].nunique() * frame["task"].nunique() * frame["seed"].nunique()
     empty = grid - len(frame[["method", "task", "seed"]].drop_duplicates())
@@ -429,6 +453,9 @@ def provenance(frame: pd.DataFrame) -> str:
                      "the task card, the data files and the backbone's weights (record schema 1), and without per-example "
                      "predictions; a rerun records them anew")
     lines += departures(frame)
+    floor = one_class_scores(frame)
+    if floor:
+        lines.append(f"- one class predicted for every eval row (the best class, from the records' gold labels): {floor}")
     lines.append("- data caveats († = scored on a subset of the eval split):" if caveats else "- data caveats: none")
     return "\n".join(lines + caveats)
 

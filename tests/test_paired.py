@@ -136,6 +136,17 @@ def test_a_plugin_search_without_a_call_budget_is_named_stopped_without_one(monk
     assert line.split(": ", 1)[1] == "anneal/sst2/seed42 at 40 calls (cooled)"
 
 
+def test_the_report_gives_what_one_class_for_every_row_would_score():
+    gold = [0, 1, 1, 1] * 5  # 75% class 1
+    pairs = [1, 1, 1, 0, 0] * 4  # 60% positive: F1 of "1" everywhere = 2 * 0.6 / 1.6 = 75
+    runs = [record("manual", "sst2", 42, [0] * 20, gold), record("bbt", "sst2", 42, gold, gold),
+            record("manual", "mrpc", 42, [0] * 20, pairs, metric="f1", positive=1),
+            record("manual", "rte", 42, [0] * 10, [0] * 7 + [1] * 3),
+            record("bbt", "rte", 42, [0] * 10, [0] * 6 + [1] * 4, rows=list(range(10, 20)))]  # other rows: a range
+    line = next(line for line in render(runs).splitlines() if line.startswith("- one class predicted"))
+    assert line.split(": ", 1)[1] == "sst2 75.00, mrpc (F1) 75.00, rte 60.00–70.00"
+
+
 def test_the_cost_table_gives_each_task_its_device_where_they_differ():
     from harness.report import cost_table, load_frame
 
