@@ -405,10 +405,11 @@ def one_class_scores(frame: pd.DataFrame) -> str:
         scores = set()
         for r in frame.loc[frame["task"] == task, "record"]:
             gold = r.predictions.gold_ids() if r.predictions is not None else None
-            if gold is None or not len(gold):
-                continue  # a legacy record without gold labels
+            positive = r.predictions.positive if r.predictions is not None else None
+            if gold is None or not len(gold) or (r.metric == "f1" and positive is None):
+                continue  # a legacy record without gold labels (or without the class its F1 counts)
             if r.metric == "f1":
-                scores.add(round(100 * f1(gold, np.full_like(gold, r.predictions.positive), r.predictions.positive), 2))
+                scores.add(round(100 * f1(gold, np.full_like(gold, positive), positive), 2))
             else:
                 scores.add(round(100 * max(accuracy(gold, np.full_like(gold, c)) for c in set(gold.tolist())), 2))
         if scores:
