@@ -404,8 +404,8 @@ def one_class_scores(frame: pd.DataFrame) -> str:
     for task in _ordered_tasks(frame["task"]):
         scores = set()
         for r in frame.loc[frame["task"] == task, "record"]:
-            gold = r.predictions.gold_ids() if r.predictions is not None else None
-            positive = r.predictions.positive if r.predictions is not None else None
+            p = r.predictions
+            gold, positive = (p.gold_ids(), p.positive) if p is not None else (None, None)
             if gold is None or not len(gold) or (r.metric == "f1" and positive is None):
                 continue  # a legacy record without gold labels (or without the class its F1 counts)
             if r.metric == "f1":
