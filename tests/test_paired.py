@@ -141,7 +141,7 @@ def test_the_report_gives_what_one_class_for_every_row_would_score():
     pairs = [1, 1, 1, 0, 0] * 4  # 60% positive: F1 of "1" everywhere = 2 * 0.6 / 1.6 = 75
     runs = [record("manual", "sst2", 42, [0] * 20, gold), record("bbt", "sst2", 42, gold, gold),
             record("manual", "mrpc", 42, [0] * 20, pairs, metric="f1", positive=1),
-            # a record without the class its F1 counts is left out (else: 100.00 on these rows, a range)
+            # a record without the class its F1 counts is left out (without the guard, the report raises TypeError)
             record("bbt", "mrpc", 42, [0] * 20, [1] * 20, metric="f1", rows=list(range(20, 40))),
             record("manual", "rte", 42, [0] * 10, [0] * 7 + [1] * 3),
             record("bbt", "rte", 42, [0] * 10, [0] * 6 + [1] * 4, rows=list(range(10, 20)))]  # other rows: a range
